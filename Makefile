@@ -1,0 +1,38 @@
+# Every target creates the environment (.venv/) it needs on first use.
+VENV := .venv
+PY := $(VENV)/bin/python
+NAME ?= grokking
+ARGS ?=
+
+.PHONY: experiment test bench profile-kernels fault-trials list clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e ".[test,bench]"
+	touch $@
+
+experiment: $(VENV)/.installed
+	$(PY) -m experiments $(NAME) $(ARGS)
+
+list: $(VENV)/.installed
+	$(PY) -m experiments --list
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(ARGS)
+
+bench: $(VENV)/.bench
+	$(PY) -m benchmarks.gpt_vs_pytorch $(ARGS)
+
+profile-kernels: $(VENV)/.installed
+	$(PY) -m kernels.flash_attention.bench $(ARGS)
+
+fault-trials: $(VENV)/.installed
+	$(PY) -m benchmarks.fault_trials $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,81 @@
+"""python -m experiments NAME[:VARIANT] [--config.key=value ...] | NAME COMMAND ... | --list"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+USAGE = ("usage: python -m experiments NAME[:VARIANT] [--config.key=value ...]\n"
+         "       python -m experiments NAME COMMAND [args ...]\n"
+         "       python -m experiments --list")
+
+
+def _list() -> None:
+  import experiments
+  for name in experiments.EXPERIMENTS:
+    module = experiments.load(name)
+    summary = (module.__doc__ or "").strip().splitlines()[0]
+    print(f"{name:24s} {summary}  [variants: {', '.join(module.VARIANTS)}]")
+
+
+def _run(spec: str, overrides: list[str]) -> int:
+  import jax
+
+  import experiments
+  from research import config as config_lib
+  from research.train import loop
+
+  name, _ = experiments.parse_name(spec)
+  config = config_lib.apply_overrides(experiments.get_config(spec), overrides)
+  if not config.workdir:
+    config.workdir = str(Path("runs") / name / time.strftime("%Y%m%d-%H%M%S"))
+  config_lib.validate(config, jax.device_count())
+  print(f"{spec}: workdir {config.workdir}", file=sys.stderr)
+  task = experiments.load(name).build(config)
+  results = loop.train(task, config, experiment=spec)
+  for split, metrics in results.items():
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                      if isinstance(v, float) and k not in ("step",))
+    print(f"{split}: {shown}")
+  print(f"run folder: {config.workdir}")
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] in ("-h", "--help"):
+    print(USAGE)
+    return 0 if argv else 2
+  if argv[0] == "--list":
+    _list()
+    return 0
+  import experiments
+  from research.config import ConfigError
+  from research.train.loop import Diverged, Preempted
+
+  try:
+    spec, rest = argv[0], argv[1:]
+    module = experiments.load(experiments.parse_name(spec)[0])
+    commands = getattr(module, "COMMANDS", {})
+    if rest and rest[0] in commands:
+      return commands[rest[0]](rest[1:]) or 0
+    if rest and not rest[0].startswith("--"):
+      known = ", ".join(commands) or "none"
+      raise ConfigError(f"unknown command {rest[0]!r} for {spec} (commands: {known})")
+    return _run(spec, rest)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    return 0 if e.signum == signal.SIGTERM else 128 + e.signum
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  sys.exit(main(sys.argv[1:]))

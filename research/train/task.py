@@ -1,0 +1,36 @@
+"""What an experiment hands the training loop: a model, a loss, data, and evaluations."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from flax import nnx
+
+from research.data.batching import Shard
+from research.train.step import LossFn
+
+
+@dataclasses.dataclass
+class Task:
+  model: nnx.Module
+  loss_fn: LossFn
+  # (step, shard) -> this process's rows of batch `step`; a pure function of the step, so a
+  # resumed run sees the same data in the same order.
+  train_data: Callable[[int, Shard], dict]
+  # split -> (shard) -> batches evaluated with `eval_fn` at every evaluation.
+  eval_data: dict[str, Callable[[Shard], Iterable[dict]]] = dataclasses.field(default_factory=dict)
+  # (model, batch) -> dict of arrays, scalars or per-example; default: the loss_fn's metrics.
+  eval_fn: Callable[[nnx.Module, dict], dict] | None = None
+  # (split, outputs of all batches: scalars stacked, per-example arrays concatenated)
+  # -> metrics; default: the mean of each output.
+  summarize: Callable[[str, dict[str, np.ndarray]], dict] | None = None
+  # Evaluations that need more than a batch function (e.g. decoding); model -> split -> metrics.
+  evaluate: Callable[[nnx.Module], dict[str, dict]] | None = None
+  # Called once after training, on process 0: samples, plots, reports.
+  finish: Callable[[nnx.Module, Path], None] | None = None
+  tokens_per_batch: int | None = None  # for tokens_per_second on train lines
+  flops_per_token: float | None = None  # training FLOPs per token, for MFU
+  log_x: bool = False  # plot metrics against log(step)
