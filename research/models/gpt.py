@@ -82,7 +82,7 @@ class CausalSelfAttention(nnx.Module):
       # Query t (at absolute position start + t) sees cache slots 0 .. start + t.
       mask_TxS = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]
       y_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxSxHxK.astype(q_BxTxHxK.dtype),
-                                        v_BxSxHxK.astype(q_BxTxHxK.dtype), causal=True,
+                                        v_BxSxHxK.astype(q_BxTxHxK.dtype), causal=False,
                                         mask_BxHxTxS=mask_TxS[None, None])
     y_BxTxD = self.out(y_BxTxHxK.reshape(B, T, D))
     return self.dropout(y_BxTxD, deterministic=rngs is None, rngs=rngs), cache

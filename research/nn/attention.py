@@ -28,13 +28,13 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
                           mask_BxHxTxS: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention; K (kv heads) divides H (query heads) for GQA/MQA.
 
-  `mask_BxHxTxS` (True = attend) is for the KV-cache decode path, where queries sit at an
-  offset into the cache; it always runs on XLA.
+  `mask_BxHxTxS` (True = attend; any broadcastable shape, e.g. [B, 1, 1, S] for padding)
+  applies on top of `causal`. Masked calls (padding, KV-cache decoding) run on XLA.
   """
   check_supported(implementation)
   if mask_BxHxTxS is not None or implementation in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(
-        q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxHxTxS, is_causal=causal and mask_BxHxTxS is None,
+        q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxHxTxS, is_causal=causal,
         implementation="cudnn" if implementation == "cudnn" else "xla")
   import kernels  # Deferred: the kernels package is only needed for these two choices.
   return kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,

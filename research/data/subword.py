@@ -1,0 +1,68 @@
+"""Subword tokenization with SentencePiece, trained on a task's training split.
+
+The trained model is saved in the run folder (`<name>.model`) and loaded from there when the
+run resumes, so a resumed run tokenizes exactly as before.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import sentencepiece as spm
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+class SubwordTokenizer:
+
+  def __init__(self, model_bytes: bytes):
+    self.model_bytes = model_bytes
+    self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+  @classmethod
+  def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "unigram",
+            character_coverage: float = 1.0) -> "SubwordTokenizer":
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage,
+        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2)  # one thread: the same corpus gives the same model
+    return cls(model.getvalue())
+
+  @classmethod
+  def train_or_load(cls, path: Path, texts: Iterable[str], vocab_size: int,
+                    **kwargs) -> "SubwordTokenizer":
+    path = Path(path)
+    if path.exists():
+      return cls(path.read_bytes())
+    tokenizer = cls.train(texts, vocab_size, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tokenizer.model_bytes)
+    return tokenizer
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+    return [BOS] * bos + self._sp.encode(text) + [EOS] * eos
+
+  def encode_batch(self, texts: list[str], max_len: int, *, bos: bool = False,
+                   eos: bool = False) -> np.ndarray:
+    """[N, max_len] int32 ids, right-padded with PAD and truncated (keeping EOS if asked)."""
+    out = np.full((len(texts), max_len), PAD, np.int32)
+    for i, text in enumerate(texts):
+      ids = self.encode(text, bos=bos, eos=False)[:max_len - eos] + [EOS] * eos
+      out[i, :len(ids)] = ids
+    return out
+
+  def decode(self, ids) -> str:
+    """Text of `ids` up to the first EOS, skipping PAD and BOS."""
+    ids = [int(i) for i in ids]
+    if EOS in ids:
+      ids = ids[:ids.index(EOS)]
+    return self._sp.decode([i for i in ids if i not in (PAD, BOS)])
