@@ -38,10 +38,10 @@ def get_config(variant: str = "baby") -> ml_collections.ConfigDict:
     c.eval_batches = 200
   elif variant == "tiny":
     c.model.update(num_layers=2, num_heads=2, embed_dim=32, block_size=16)
-    c.update(steps=20, batch_size=8, warmup_steps=2, eval_every=10, log_every=5,
-             checkpoint_every=10)
+    c.update(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, eval_every=10,
+             log_every=5, checkpoint_every=10)
     c.eval_batches = 2
-    c.sample.update(num_tokens=24, count=1)
+    c.sample.update(num_tokens=8, count=1)
   elif variant != "baby":
     raise ValueError(f"unknown variant {variant!r}")
   return c

@@ -31,10 +31,10 @@ def get_config(variant: str = "baby") -> ml_collections.ConfigDict:
   if variant == "tiny":
     c.model.update(num_layers=1, embed_dim=16, hidden_dim=32)
     c.context = 16
-    c.update(steps=20, batch_size=8, warmup_steps=2, eval_every=10, log_every=5,
-             checkpoint_every=10)
+    c.update(steps=20, batch_size=8, learning_rate=1e-2, warmup_steps=2, eval_every=10,
+             log_every=5, checkpoint_every=10)
     c.eval_batches = 2
-    c.sample.update(num_tokens=24, count=1)
+    c.sample.update(num_tokens=8, count=1)
   elif variant != "baby":
     raise ValueError(f"unknown variant {variant!r}")
   return c

@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
   c.learning_rate = 1e-3
   c.min_learning_rate = 1e-4  # end of the cosine decay
   c.warmup_steps = 100
+  c.decay_steps = 0  # length of the cosine decay; 0 = steps
   c.weight_decay = 0.1
   c.b1 = 0.9
   c.b2 = 0.99
@@ -123,7 +124,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for key in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every",
               "keep_checkpoints", "grad_accum_steps"):
     require(config[key] > 0, f"config.{key} must be a positive integer, got {config[key]}")
-  require(config.warmup_steps >= 0, f"config.warmup_steps must be >= 0, got {config.warmup_steps}")
+  for key in ("warmup_steps", "decay_steps"):
+    require(config[key] >= 0, f"config.{key} must be >= 0, got {config[key]}")
   for key in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "b1", "b2"):
     value = config[key]
     require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,

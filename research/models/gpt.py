@@ -24,7 +24,7 @@ class GPTConfig:
   num_layers: int = 4
   num_heads: int = 4
   embed_dim: int = 128
-  mlp_ratio: int = 4
+  mlp_ratio: int = 4  # 0: attention-only blocks (Olsson et al. 2022's induction-head models)
   dropout: float = 0.0
   use_bias: bool = False
   position: str = "learned"  # "learned" or "rope"
@@ -108,12 +108,14 @@ class Block(nnx.Module):
     norm = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
     self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
     self.attn = CausalSelfAttention(cfg, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm) if cfg.mlp_ratio else None
+    self.mlp = MLP(cfg, rngs=rngs) if cfg.mlp_ratio else None
 
   def __call__(self, x_BxTxD, *, rngs=None, cache=None, pos=None):
     a_BxTxD, cache = self.attn(self.norm1(x_BxTxD), rngs=rngs, cache=cache, pos=pos)
     x_BxTxD = x_BxTxD + a_BxTxD
+    if self.mlp is None:
+      return x_BxTxD, cache
     return x_BxTxD + self.mlp(self.norm2(x_BxTxD), rngs=rngs), cache
 
 

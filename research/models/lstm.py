@@ -35,8 +35,13 @@ class LSTM(nnx.Module):
     self.recurrent = nnx.Linear(hidden, 4 * hidden, use_bias=False,
                                 kernel_init=nnx.initializers.orthogonal(), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x_BxTxD, carry):
+  def __call__(self, x_BxTxD, carry=None):
+    """Returns ((c, h) after the last step, h at every step); carry None = zeros."""
     gates_TxBx4H = self.inputs(x_BxTxD).swapaxes(0, 1)
+    if carry is None:
+      # Zeros derived from the input share its sharding (and varying type in shard_map).
+      zeros_BxH = jnp.zeros_like(gates_TxBx4H[0, :, :self.recurrent.in_features])
+      carry = (zeros_BxH, zeros_BxH)
 
     def step(carry, gates_Bx4H):
       c_BxH, h_BxH = carry
@@ -69,11 +74,11 @@ class LSTMLM(nnx.Module):
     return [(zeros_BxH, zeros_BxH) for _ in self.layers]
 
   def decode(self, tokens_BxT, cache, pos=None, *, rngs=None):
-    """Logits for `tokens_BxT` continuing from the (c, h) carries in `cache`."""
+    """Logits for `tokens_BxT` continuing from the (c, h) carries in `cache` (None: start)."""
     del pos  # The carries hold the whole history.
     x_BxTxD = self.embed(tokens_BxT)
     new_cache = []
-    for layer, carry in zip(self.layers, cache):
+    for layer, carry in zip(self.layers, cache or [None] * len(self.layers)):
       x_BxTxD = self.dropout(x_BxTxD, deterministic=rngs is None, rngs=rngs)
       carry, x_BxTxD = layer(x_BxTxD, carry)
       new_cache.append(carry)
@@ -81,5 +86,5 @@ class LSTMLM(nnx.Module):
     return self.head(x_BxTxD).astype(jnp.float32), new_cache
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    logits_BxTxV, _ = self.decode(tokens_BxT, self.init_cache(tokens_BxT.shape[0]), rngs=rngs)
+    logits_BxTxV, _ = self.decode(tokens_BxT, None, rngs=rngs)
     return logits_BxTxV

@@ -34,15 +34,16 @@ class MultiHeadAttention(nnx.Module):
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x_BxTxD, context_BxSxD=None, *, mask_BxHxTxS=None, causal=False, rngs=None,
-               cache=None, pos=None):
+               cache=None, pos=None, context_kv=None):
     """Returns (output, cache). With `cache` (self-attention only), the keys and values of `x`
-    are written at `pos` and the queries attend to cache slots up to their own position."""
+    are written at `pos` and the queries attend to cache slots up to their own position.
+    `context_kv` = `self.context_kv(context)`, computed once when decoding step by step."""
     B, T, D = x_BxTxD.shape
     H = self.num_heads
-    source_BxSxD = x_BxTxD if context_BxSxD is None else context_BxSxD
     q_BxTxHxK = self.query(x_BxTxD).reshape(B, T, H, D // H)
-    k_BxSxHxK, v_BxSxHxK = jnp.split(
-        self.key_value(source_BxSxD).reshape(B, source_BxSxD.shape[1], 2 * H, D // H), 2, axis=2)
+    if context_kv is None:
+      context_kv = self.context_kv(x_BxTxD if context_BxSxD is None else context_BxSxD)
+    k_BxSxHxK, v_BxSxHxK = context_kv
     if cache is not None:
       k_BxSxHxK = jax.lax.dynamic_update_slice(cache["k"], k_BxSxHxK, (0, pos, 0, 0))
       v_BxSxHxK = jax.lax.dynamic_update_slice(cache["v"], v_BxSxHxK, (0, pos, 0, 0))
@@ -55,6 +56,14 @@ class MultiHeadAttention(nnx.Module):
                                       implementation=self.attention, mask_BxHxTxS=mask_BxHxTxS)
     y_BxTxD = self.out(y_BxTxHxK.reshape(B, T, D))
     return self.dropout(y_BxTxD, deterministic=rngs is None, rngs=rngs), cache
+
+  def context_kv(self, source_BxSxD):
+    """The keys and values [B, S, H, D/H] of `source` (x itself for self-attention)."""
+    B, S, D = source_BxSxD.shape
+    H = self.num_heads
+    k_BxSxHxK, v_BxSxHxK = jnp.split(self.key_value(source_BxSxD).reshape(B, S, 2 * H, D // H), 2,
+                                     axis=2)
+    return k_BxSxHxK, v_BxSxHxK
 
   def init_cache(self, batch_size: int, length: int, dtype="float32"):
     shape = (batch_size, length, self.num_heads, self.query.out_features // self.num_heads)
@@ -92,13 +101,15 @@ class Block(nnx.Module):
     self.mlp = MLP(dim, mlp_dim, **common)
 
   def __call__(self, x_BxTxD, *, mask_BxHxTxS=None, causal=False, context_BxSxD=None,
-               context_mask_BxHxTxS=None, rngs=None, cache=None, pos=None):
-    """Returns (output, cache); `cache` is the self-attention's (see MultiHeadAttention)."""
+               context_mask_BxHxTxS=None, rngs=None, cache=None, pos=None, context_kv=None):
+    """Returns (output, cache); `cache` is the self-attention's and `context_kv` the
+    cross-attention's precomputed keys and values (see MultiHeadAttention)."""
     a_BxTxD, cache = self.self_attention(self.norm_self(x_BxTxD), mask_BxHxTxS=mask_BxHxTxS,
                                          causal=causal, rngs=rngs, cache=cache, pos=pos)
     x_BxTxD = x_BxTxD + a_BxTxD
     if self.cross_attention is not None:
       c_BxTxD, _ = self.cross_attention(self.norm_cross(x_BxTxD), context_BxSxD,
-                                        mask_BxHxTxS=context_mask_BxHxTxS, rngs=rngs)
+                                        mask_BxHxTxS=context_mask_BxHxTxS, rngs=rngs,
+                                        context_kv=context_kv)
       x_BxTxD = x_BxTxD + c_BxTxD
     return x_BxTxD + self.mlp(self.norm_mlp(x_BxTxD), rngs=rngs), cache

@@ -48,7 +48,8 @@ def _shape_mismatches(saved_metadata, target) -> list[str]:
               if k in saved and saved[k] != v]
   problems += [f"{k}: missing in checkpoint" for k in wanted if k not in saved]
   problems += [f"{k}: not in model" for k in saved if k not in wanted]
-  return problems
+  # Parameters name the problem best; the optimizer state mirrors them.
+  return sorted(problems, key=lambda p: not p.startswith("params/"))
 
 
 class Checkpoints:

@@ -30,7 +30,7 @@ from research.train.step import TrainState, init_state, make_eval_step, make_tra
 from research.train.task import Task
 
 # Fields that may change when a run is resumed; any other difference is a different run.
-RESUMABLE_CHANGES = {"steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+RESUMABLE_CHANGES = {"steps", "decay_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
                      "progress_bar", "workdir"}
 
 
@@ -88,6 +88,11 @@ def _prepare_workdir(workdir: Path, config, experiment: str, state_bytes: int) -
     saved = json.loads(path.read_text())
     changed = sorted(k for k in set(saved) | set(resolved)
                      if k not in RESUMABLE_CHANGES and saved.get(k) != resolved.get(k))
+    decay = lambda c: c.get("decay_steps") or c.get("steps")
+    if decay(saved) != decay(resolved):
+      raise config_lib.ConfigError(
+          f"workdir {workdir} holds a run whose learning rate decays over {decay(saved)} steps; "
+          f"to train it longer keep that schedule with --config.decay_steps={decay(saved)}")
     if changed:
       diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved.get(k)!r}" for k in changed[:4])
       raise config_lib.ConfigError(f"workdir {workdir} holds a run with a different config "

@@ -9,7 +9,8 @@ import optax
 def learning_rate_schedule(config) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.steps, config.warmup_steps + 1), end_value=config.min_learning_rate)
+      decay_steps=max(config.decay_steps or config.steps, config.warmup_steps + 1),
+      end_value=config.min_learning_rate)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
