@@ -9,7 +9,7 @@ shapes do not match the configured model is an error naming the parameters.
 from __future__ import annotations
 
 import shutil
-import warnings
+import sys
 from pathlib import Path
 
 import jax
@@ -60,8 +60,9 @@ class Checkpoints:
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(self.directory,
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=self._keep),
+    # Temporary folders are saves a killed process never finished: never checkpoints.
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(self.directory, options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
@@ -101,9 +102,9 @@ class Checkpoints:
     aside = self.directory.parent / "checkpoints_unreadable" / str(step)
     aside.parent.mkdir(exist_ok=True)
     shutil.move(str(self.directory / str(step)), aside)
-    warnings.warn(f"checkpoint step {step} is unreadable ({type(error).__name__}: "
-                  f"{str(error).splitlines()[0][:200] if str(error) else ''}); moved to {aside}, "
-                  f"trying the previous one", stacklevel=2)
+    detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    print(f"warning: checkpoint step {step} is unreadable ({detail}); moved it to {aside} and "
+          f"falling back to the previous one", file=sys.stderr)
     self._manager.close()
     self._manager = self._open()
 

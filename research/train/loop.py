@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from research.train.task import Task
 
 # Fields that may change when a run is resumed; any other difference is a different run.
 RESUMABLE_CHANGES = {"steps", "decay_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "progress_bar", "workdir"}
+                     "progress_bar", "workdir", "sample"}
 
 
 class Diverged(RuntimeError):
@@ -63,6 +64,10 @@ class _StopSignals:
   def _handle(self, signum, frame):
     del frame
     self.received = signum
+    # A second signal of the same kind acts at once, the usual way.
+    signal.signal(signum, self._previous[signum])
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+          f"(send it again to quit without saving)", file=sys.stderr)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -174,6 +179,17 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
                      f"without saving (policy nonfinite=stop); last good checkpoint: step "
                      f"{checkpoints.latest_step()} in {checkpoints.directory}")
 
+  last_log = {"step": start, "skipped": int(state.skipped)}
+
+  def check_progress(step, skipped):
+    """Under nonfinite=skip, a window of only skipped updates means the run cannot recover."""
+    if config.nonfinite == "skip" and step - last_log["step"] > 1 and (
+        skipped - last_log["skipped"] == step - last_log["step"]):
+      raise Diverged(f"every update from step {last_log['step'] + 1} to {step} had a non-finite "
+                     f"loss or gradient (policy nonfinite=skip); stopped; last checkpoint: step "
+                     f"{checkpoints.latest_step()} in {checkpoints.directory}")
+    last_log.update(step=step, skipped=skipped)
+
   def run_eval(step):
     nonlocal last_eval
     last_eval = evaluate(task, eval_step, state, graphdef, mesh)
@@ -202,6 +218,7 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
           line["learning_rate"] = float(schedule(step - 1))
           if config.nonfinite == "skip":
             line["skipped"] = int(state.skipped)
+            check_progress(step, line["skipped"])
           if window_steps:
             seconds = elapsed / window_steps
             line["step_time_ms"] = 1000 * seconds
