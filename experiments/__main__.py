@@ -21,6 +21,21 @@ def _list() -> None:
     print(f"{name:24s} {summary}  [variants: {', '.join(module.VARIANTS)}]")
 
 
+def _join_cluster(config) -> None:
+  """Joins JAX's distributed runtime when this process is one of several."""
+  import jax
+
+  launched = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+              or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if config.coordinator_address:
+    # CPU processes talk through gloo; GPUs and TPUs use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(config.coordinator_address, config.num_processes,
+                               config.process_id)
+  elif launched:
+    jax.distributed.initialize()
+
+
 def _run(spec: str, overrides: list[str]) -> int:
   import jax
 
@@ -31,11 +46,19 @@ def _run(spec: str, overrides: list[str]) -> int:
   name, _ = experiments.parse_name(spec)
   config = config_lib.apply_overrides(experiments.get_config(spec), overrides)
   if not config.workdir:
+    if config.coordinator_address:
+      raise config_lib.ConfigError("multi-host runs need an explicit shared --config.workdir")
     config.workdir = str(Path("runs") / name / time.strftime("%Y%m%d-%H%M%S"))
+  _join_cluster(config)
   config_lib.validate(config, jax.device_count())
   print(f"{spec}: workdir {config.workdir}", file=sys.stderr)
-  task = experiments.load(name).build(config)
-  results = loop.train(task, config, experiment=spec)
+  module = experiments.load(name)
+  if hasattr(module, "run"):  # a multi-run experiment: it trains its own sub-runs
+    results = module.run(config, experiment=spec)
+  else:
+    results = loop.train(module.build(config), config, experiment=spec)
+  if jax.process_index() != 0:
+    return 0
   for split, metrics in results.items():
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                       if isinstance(v, float) and k not in ("step",))

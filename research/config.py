@@ -48,6 +48,11 @@ def base() -> ml_collections.ConfigDict:
   # What a non-finite loss or gradient does: stop the run, or skip that update.
   c.nonfinite = "stop"
   c.progress_bar = True
+  # Multi-host: processes join JAX's distributed runtime through this coordinator
+  # ("host:port"); SLURM and TPU-pod launches are detected without it.
+  c.coordinator_address = ""
+  c.num_processes = 1
+  c.process_id = 0
   return c
 
 
@@ -135,8 +140,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f"unknown config.parallelism {config.parallelism!r}; choose one of {', '.join(PARALLELISM)}")
   require(config.nonfinite in NONFINITE_POLICIES,
           f"unknown config.nonfinite {config.nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
-  require(config.compute_dtype in ("float32", "bfloat16", "float16"),
-          f"unknown config.compute_dtype {config.compute_dtype!r}; choose float32, bfloat16 or float16")
+  require(config.compute_dtype in ("float32", "bfloat16"),
+          f"unknown config.compute_dtype {config.compute_dtype!r}; choose float32 or bfloat16")
   micro_batch = config.batch_size // config.grad_accum_steps
   require(config.batch_size % config.grad_accum_steps == 0,
           f"config.batch_size={config.batch_size} is not divisible by "

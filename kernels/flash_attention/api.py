@@ -41,8 +41,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
       128 x 128 elsewhere), clipped to the sequence; sequences need not be
       multiples of them (they are padded, and padded keys masked).
     implementation: "pallas" (this package's kernels), "xla" or "cudnn" (through
-      `jax.nn.dot_product_attention`), or "auto": Pallas where the device
-      (GPU, TPU) and shapes support it, else XLA.
+      `jax.nn.dot_product_attention`), or "auto": compiled Pallas where the device
+      (GPU, TPU) and shapes support it, else XLA (never the slow interpreter).
     interpret: run Pallas in interpret mode; None means only on CPU.
 
   Returns:
@@ -67,7 +67,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=causal,
                                         implementation=implementation)
   return _pallas_attention(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-                           block_q=block_q, block_k=block_k, interpret=interpret)
+                           block_q=block_q, block_k=block_k,
+                           target="interpret" if interpret else backend)
 
 
 def _validate(q, k, v, segment_ids, block_q, block_k, implementation):
@@ -123,19 +124,19 @@ def _round_up(n, m):
 
 
 def _block(block, seq):
-  """The tile actually used: no longer than the sequence needs (power of two, >= 16)."""
+  """The tile used: `block`, or less for a short sequence (its next power of two, >= 16)."""
   return min(block, max(16, pl.next_power_of_2(seq)))
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_q", "block_k",
-                                             "interpret"))
+                                             "target"))
 def _pallas_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_seg_BxT, kv_seg_BxS, *, causal,
-                      sm_scale, block_q, block_k, interpret):
+                      sm_scale, block_q, block_k, target):
   T, D = q_BxTxHxD.shape[1], q_BxTxHxD.shape[3]
   S = k_BxSxKxD.shape[1]
   cfg = pallas.Config(sm_scale=D ** -0.5 if sm_scale is None else float(sm_scale),
                       causal=causal, block_q=_block(block_q, T), block_k=_block(block_k, S),
-                      seq_k=S, interpret=interpret)
+                      seq_k=S, target=target)
   # Kernels see head-major [B, H, T, D] with T and S padded to whole blocks; padded
   # keys are masked inside, padded queries are computed and dropped here.
   pad_q, pad_k = _round_up(T, cfg.block_q) - T, _round_up(S, cfg.block_k) - S

@@ -126,8 +126,8 @@ def markdown(rows, header):
     mem = r.get("memory_bytes")
     lines.append(
         f"| {r['impl']} | {r['mode']} | {r['causal']} | {r['head_dim']} | {r['seq']} | "
-        f"{r['batch']} | {_fmt(r.get('ms'), '.3f')} | {_fmt(r.get('tflops'), '.1f')} | "
-        f"{_fmt(r.get('pct_peak'), '.1f')} | {_fmt(None if mem is None else mem / 2**30, '.2f')} | "
+        f"{r['batch']} | {_fmt(r.get('ms'), '.4g')} | {_fmt(r.get('tflops'), '.4g')} | "
+        f"{_fmt(r.get('pct_peak'), '.1f')} | {_fmt(None if mem is None else mem / 2**30, '.3g')} | "
         f"{r['status']} |")
   return "\n".join(lines) + "\n"
 
@@ -137,12 +137,13 @@ def plot(rows, path, title):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True, squeeze=False)
-  for ax, (mode, causal) in zip(axes.flat, [(m, c) for m in ("fwd", "fwd+bwd")
-                                            for c in (False, True)]):
+  modes = ("fwd", "fwd+bwd")
+  causals = sorted({r["causal"] for r in rows})
+  fig, axes = plt.subplots(len(modes), len(causals), figsize=(max(8, 5.5 * len(causals)), 8),
+                           sharex=True, squeeze=False)
+  for (mode, causal), ax in zip([(m, c) for m in modes for c in causals], axes.flat):
     ax.set_title(f"{mode}, {'causal' if causal else 'full'}")
-    series = sorted({(r["impl"], r["head_dim"]) for r in rows})
-    for impl, head_dim in series:
+    for impl, head_dim in sorted({(r["impl"], r["head_dim"]) for r in rows}):
       points = [(r["seq"], r["tflops"]) for r in rows if r["status"] == "ok"
                 and (r["impl"], r["head_dim"], r["mode"], r["causal"]) == (impl, head_dim, mode, causal)]
       if points:
@@ -152,7 +153,7 @@ def plot(rows, path, title):
     ax.set_ylabel("TFLOP/s")
     if ax.lines:
       ax.legend(fontsize=8)
-  fig.suptitle(title)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -227,13 +228,19 @@ def check(args):
   return 1 if failures else 0
 
 
+def _bool(text):
+  if text.lower() not in ("true", "false"):
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+  return text.lower() == "true"
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/"
                       "flash_attention on GPU/TPU, a temporary folder on CPU)")
   parser.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-  parser.add_argument("--causal", type=lambda s: s == "true", nargs="+", default=[False, True],
+  parser.add_argument("--causal", type=_bool, nargs="+", default=[False, True],
                       metavar="{true,false}")
   parser.add_argument("--impls", nargs="+", default=None, help="default: all available")
   parser.add_argument("--dtype", default="bfloat16")

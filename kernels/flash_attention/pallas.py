@@ -30,7 +30,7 @@ class Config:
   block_q: int
   block_k: int
   seq_k: int  # unpadded key length: keys at or past it are padding
-  interpret: bool
+  target: str  # "gpu" (Triton), "tpu" (Mosaic TPU) or "interpret"
 
 
 def _acc_dtype(dtype):
@@ -154,7 +154,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
     return dk_KxD, dv_KxD
 
   # Causal: query blocks wholly before this key block never see it.
-  first = lax.div(j * cfg.block_k, jnp.int32(cfg.block_q)) + 1 if cfg.causal else 0
+  first = lax.div(j * cfg.block_k, jnp.int32(cfg.block_q)) if cfg.causal else 0
   zeros = jnp.zeros(k_KxD.shape, acc_dtype)
   dk_KxD, dv_KxD = lax.fori_loop(first, q_ref.shape[0] // cfg.block_q, body, (zeros, zeros))
   dk_ref[...] = (dk_KxD * cfg.sm_scale).astype(dk_ref.dtype)
@@ -162,14 +162,11 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
 
 
 def _compiler_params(cfg, head_dim, grid_rank):
-  if cfg.interpret:
-    return None
-  backend = jax.default_backend()
-  if backend == "gpu":
+  if cfg.target == "gpu":
     # Triton: pallas_call with the Mosaic GPU back-end is deprecated in favour of
     # warp-specialized `plgpu.kernel` programs, which this portable kernel is not.
     return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-  if backend == "tpu":
+  if cfg.target == "tpu":
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
   return None
 
@@ -178,7 +175,7 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, head_dim, name):
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, compiler_params=_compiler_params(cfg, head_dim, len(grid)),
-      interpret=cfg.interpret, name=name)
+      interpret=cfg.target == "interpret", name=name)
 
 
 @dataclasses.dataclass(frozen=True)

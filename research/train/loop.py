@@ -31,8 +31,9 @@ from research.train.step import TrainState, init_state, make_eval_step, make_tra
 from research.train.task import Task
 
 # Fields that may change when a run is resumed; any other difference is a different run.
-RESUMABLE_CHANGES = {"steps", "decay_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-                     "progress_bar", "workdir", "sample"}
+RESUMABLE_CHANGES = {"steps", "decay_steps", "eval_every", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "progress_bar", "workdir", "sample",
+                     "coordinator_address", "num_processes", "process_id"}
 
 
 class Diverged(RuntimeError):
@@ -102,7 +103,8 @@ def _prepare_workdir(workdir: Path, config, experiment: str, state_bytes: int) -
       diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved.get(k)!r}" for k in changed[:4])
       raise config_lib.ConfigError(f"workdir {workdir} holds a run with a different config "
                                    f"({diffs}); use a new workdir")
-  path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
 def _place(state: TrainState, shardings) -> TrainState:
@@ -248,10 +250,12 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
     if not last_eval:
       last_eval = {r["split"]: r for r in read_metrics(writer.path) if r["split"] != "train"}
     checkpoints.wait()
+    # `finish` runs on process 0 alone, so it gets a local copy of the (maybe sharded) model.
+    params, rest = _gather((state.params, state.rest))
     if is_main:
       plot_metrics(workdir, log_x=task.log_x)
       if task.finish is not None:
-        task.finish(nnx.merge(graphdef, state.params, state.rest), workdir)
+        task.finish(nnx.merge(graphdef, params, rest), workdir)
   finally:
     checkpoints.close()
     writer.close()

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# Largest error allowed, relative to the largest magnitude in the reference.
-TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+# Largest error allowed, relative to the largest magnitude in the reference: a few times
+# what rounding the inputs and output to the dtype alone costs.
+TOLERANCE = {"float64": 1e-12, "float32": 5e-6, "float16": 2e-3, "bfloat16": 1.5e-2}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 import kernels
-from kernels.flash_attention import bench, reference
+from kernels.flash_attention import api, bench, reference
 
 # Small blocks give several q and kv blocks (and a ragged last one) at tiny lengths.
 BLOCKS = dict(block_q=16, block_k=16)
@@ -81,6 +81,40 @@ def test_rows_without_keys_are_zero_with_zero_gradient(key):
   np.testing.assert_array_equal(grads[0][:, 20:], 0.0)
   for g in grads:
     assert np.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend,head_dim,seq,dtype,reason", [
+    ("gpu", 128, 4096, "bfloat16", None),
+    ("gpu", 96, 4096, "bfloat16", "head_dim=96 must be a power of two"),
+    ("tpu", 128, 4096, "float32", None),
+    ("tpu", 128, 4096, "float16", "dtype float16 is not compiled on tpu"),
+    ("tpu", 128, 16384, "bfloat16", "seq_k=16384 is too long"),
+    ("cpu", 128, 4096, "float32", "Pallas compiles only for GPU and TPU"),
+])
+def test_where_compiled_pallas_is_supported(backend, head_dim, seq, dtype, reason):
+  q = jax.ShapeDtypeStruct((1, seq, 4, head_dim), jnp.dtype(dtype))
+  blocks = api._DEFAULT_BLOCKS[backend]
+  unsupported = api._pallas_unsupported(backend, False, q, q, *blocks)
+  if reason is None:
+    assert unsupported is None
+  else:
+    assert reason in unsupported
+
+
+def test_kernels_lower_to_triton_without_a_gpu():
+  """Cross-platform lowering runs Pallas' Triton lowering (not Triton's compiler) on CPU."""
+  q = jax.ShapeDtypeStruct((2, 1000, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+
+  def loss(q, k, v, ids):
+    out = api._pallas_attention(q, k, v, ids, ids, causal=True, sm_scale=None, block_q=128,
+                                block_k=64, target="gpu")
+    return out.astype(jnp.float32).sum()
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  hlo = grads.trace(q, kv, kv, ids).lower(lowering_platforms=("cuda",)).as_text()
+  assert hlo.count("xla.gpu.triton") == 3  # forward, dq, dk/dv
 
 
 def test_interpreter_poisons_outputs():

@@ -1,0 +1,133 @@
+"""Masked-language-model pretraining (BERT's recipe) as a phase before fine-tuning.
+
+`mask_tokens` corrupts a batch the BERT way: per sentence, round(15%) of its real tokens
+(at least one) are chosen to be predicted; of those, 80% become [MASK], 10% a random token
+and 10% stay as they are. Masking happens in the data pipeline, seeded by the step, so
+batches stay a pure function of the step (exact resume).
+
+`pretrain_encoder` is how an experiment adds pretraining: with `config.pretrain.steps > 0`
+it runs (or resumes) the MLM phase as its own run in `<workdir>/pretrain` (same loop:
+checkpoints, metrics.jsonl, plots), then loads the pretrained weights into the classifier's
+encoder before fine-tuning starts. The [MASK] id is one past the tokenizer's vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from research import config as config_lib
+from research.data.batching import EpochBatches, padded_batches, shard_slice
+from research.data.subword import EOS, PAD
+from research.data.text_classification import trim_padding
+from research.models.encoder import Encoder, MaskedLM
+from research.train import loop, optim
+from research.train.checkpoint import Checkpoints
+from research.train.step import init_state
+from research.train.task import Task
+
+FIRST_REAL_ID = EOS + 1  # random replacements are real subwords, never PAD/UNK/BOS/EOS
+
+
+def mask_tokens(tokens_BxT: np.ndarray, rng: np.random.Generator, *, mask_id: int,
+                vocab_size: int, rate: float = 0.15) -> dict[str, np.ndarray]:
+  """{"inputs": corrupted [B, T], "positions"/"targets"/"weights": [B, P]}, P = ceil(rate*T);
+  weight 0 marks unused prediction slots."""
+  B, T = tokens_BxT.shape
+  valid_BxT = tokens_BxT != PAD
+  lengths_B = valid_BxT.sum(axis=1)
+  P = max(1, math.ceil(rate * T))
+  # Random distinct real positions first in each row (padding sorts last).
+  positions_BxP = np.argsort(np.where(valid_BxT, rng.random((B, T)), 2.0), axis=1)[:, :P]
+  count_B = np.minimum(np.maximum(1, np.rint(rate * lengths_B)), lengths_B)
+  weights_BxP = np.arange(P)[None, :] < count_B[:, None]
+  targets_BxP = np.take_along_axis(tokens_BxT, positions_BxP, axis=1)
+  u_BxP = rng.random((B, P))
+  random_BxP = rng.integers(FIRST_REAL_ID, vocab_size, (B, P))
+  corrupt_BxP = np.where(u_BxP < 0.8, mask_id, np.where(u_BxP < 0.9, random_BxP, targets_BxP))
+  inputs_BxT = tokens_BxT.copy()
+  rows_Bx1 = np.arange(B)[:, None]
+  inputs_BxT[rows_Bx1, positions_BxP] = np.where(weights_BxP, corrupt_BxP, targets_BxP)
+  return {"inputs": inputs_BxT.astype(np.int32), "positions": positions_BxP.astype(np.int32),
+          "targets": targets_BxP.astype(np.int32), "weights": weights_BxP.astype(np.float32)}
+
+
+def mlm_loss(model, batch, rngs=None):
+  logits_BxPxV = model(batch["inputs"], batch["positions"], rngs=rngs)
+  w_BxP = batch["weights"]
+  count = jnp.maximum(w_BxP.sum(), 1.0)
+  ce_BxP = optax.softmax_cross_entropy_with_integer_labels(logits_BxPxV, batch["targets"])
+  loss = (ce_BxP * w_BxP).sum() / count
+  accuracy = ((logits_BxPxV.argmax(-1) == batch["targets"]) * w_BxP).sum() / count
+  return loss, {"loss": loss, "accuracy": accuracy}
+
+
+def mlm_task(config, model: MaskedLM, train_NxT: np.ndarray, val_NxT: np.ndarray, *,
+             mask_id: int, vocab_size: int, trim_multiple: int = 16) -> Task:
+  """MLM on rows of token ids (right-padded); `val` is masked once, with fixed seeds."""
+  rate, bs = config.pretrain.mask_rate, config.batch_size
+  batches = EpochBatches({"tokens": train_NxT}, bs, config.seed)
+
+  def corrupt(tokens_BxT, seed):
+    return mask_tokens(trim_padding(tokens_BxT, trim_multiple), np.random.default_rng(seed),
+                       mask_id=mask_id, vocab_size=vocab_size, rate=rate)
+
+  def train_data(step, shard):
+    batch = corrupt(batches(step)["tokens"], [config.seed, step])
+    return {k: v[shard_slice(bs, shard)] for k, v in batch.items()}
+
+  val_batches = []
+  for i, rows in enumerate(padded_batches({"tokens": val_NxT}, bs)):
+    batch = corrupt(rows["tokens"], [config.seed, 1 << 30, i])
+    batch["weights"] *= rows["mask"][:, None]
+    val_batches.append(batch)
+
+  def val_data(shard):
+    return ({k: v[shard_slice(bs, shard)] for k, v in b.items()} for b in val_batches)
+
+  return Task(model=model, loss_fn=mlm_loss, train_data=train_data, eval_data={"val": val_data})
+
+
+def _has_checkpoint(directory: Path) -> bool:
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def phase_config(config, overrides: dict, workdir: Path) -> ml_collections.ConfigDict:
+  """A sub-run's config: `config`'s training fields with `overrides`, and its own workdir."""
+  sub = config_lib.base()
+  for key in sub:
+    sub[key] = config[key]
+  for key, value in overrides.items():
+    if key in sub:
+      sub[key] = value
+  sub.workdir = str(workdir)
+  for section in ("model", "data", "pretrain"):
+    if section in config:
+      sub[section] = config[section]
+  return sub
+
+
+def pretrain_encoder(config, encoder: Encoder, train_NxT: np.ndarray, val_NxT: np.ndarray, *,
+                     mask_id: int, vocab_size: int, experiment: str, trim_multiple: int = 16) -> None:
+  """Runs `config.pretrain` (steps, batch_size, learning_rate, ..., mask_rate) of MLM in
+  `<workdir>/pretrain` and copies the result into `encoder`. Skipped when steps is 0, or when
+  the fine-tuning run already has a checkpoint (it replaces these weights anyway)."""
+  p = config.pretrain
+  workdir = Path(config.workdir)
+  if p.steps == 0 or _has_checkpoint(workdir / "checkpoints"):
+    return
+  sub = phase_config(config, p.to_dict(), workdir / "pretrain")
+  model = MaskedLM(encoder.cfg, rngs=nnx.Rngs(config.seed))
+  loop.train(mlm_task(sub, model, train_NxT, val_NxT, mask_id=mask_id, vocab_size=vocab_size,
+                      trim_multiple=trim_multiple), sub, experiment=f"{experiment}/pretrain")
+  graphdef, state = init_state(model, optim.make_optimizer(sub))
+  checkpoints = Checkpoints(workdir / "pretrain" / "checkpoints", sub.keep_checkpoints)
+  restored = checkpoints.restore_latest(state)
+  checkpoints.close()
+  nnx.update(encoder, nnx.state(nnx.merge(graphdef, restored.params, restored.rest).encoder))

@@ -1,0 +1,154 @@
+"""Data parallel (shard_map + pmean) and FSDP match one device; checkpoints move between meshes."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import experiments
+from benchmarks import fault_trials
+from research import config as config_lib
+from research import sharding
+from research.data.text import LMBatches
+from research.models.gpt import GPT, GPTConfig
+from research.tasks.language_model import next_token_loss
+from research.train import optim
+from research.train.checkpoint import Checkpoints
+from research.train.step import init_state, make_train_step
+
+STEPS = 4
+
+
+def config(**overrides):
+  c = config_lib.base()
+  c.update(steps=100, batch_size=16, warmup_steps=0, learning_rate=3e-3, **overrides)
+  return c
+
+
+def model():
+  return GPT(GPTConfig(vocab_size=64, block_size=16, num_layers=2, num_heads=2, embed_dim=64),
+             rngs=nnx.Rngs(0))
+
+
+def train(devices, parallelism, *, accum_steps=1, remat=False, dtype="float32"):
+  """Losses and final parameters of a few steps on a mesh of `devices`."""
+  c = config()
+  m = GPT(GPTConfig(vocab_size=64, block_size=16, num_layers=2, num_heads=2, embed_dim=64,
+                    remat=remat, dtype=dtype), rngs=nnx.Rngs(0))
+  tx = optim.make_optimizer(c)
+  graphdef, state = init_state(m, tx)
+  mesh = sharding.make_mesh(devices)
+  shardings = sharding.state_shardings(state, mesh, parallelism)
+  state = jax.device_put(state, shardings)
+  step = make_train_step(graphdef, next_token_loss, tx, mesh=mesh, state_sharding=shardings,
+                         parallelism=parallelism, seed=0, accum_steps=accum_steps)
+  data = LMBatches(np.random.default_rng(0).integers(0, 64, 5000).astype(np.int32), 16, 16, seed=0)
+  curves = []
+  for i in range(STEPS):
+    state, metrics = step(state, sharding.global_batch(data(i), mesh))
+    curves.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  return np.array(curves), state
+
+
+def assert_same_training(a, b, rtol=1e-5):
+  """Same losses and gradient norms; parameters equal up to Adam's amplified rounding."""
+  np.testing.assert_allclose(a[0], b[0], rtol=rtol)
+  for x, y in zip(jax.tree.leaves(a[1].params), jax.tree.leaves(b[1].params)):
+    np.testing.assert_allclose(x, y, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  return train(jax.devices()[:1], "dp")
+
+
+@pytest.mark.parametrize("parallelism", ["dp", "fsdp"])
+def test_eight_devices_train_like_one(one_device, parallelism):
+  assert_same_training(train(jax.devices(), parallelism), one_device)
+
+
+def test_gradient_accumulation_and_remat_leave_the_step_unchanged(one_device):
+  assert_same_training(train(jax.devices()[:1], "dp", accum_steps=4, remat=True), one_device)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(one_device):
+  curves, state = train(jax.devices()[:1], "dp", dtype="bfloat16")
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  np.testing.assert_allclose(curves, one_device[0], rtol=3e-2)
+
+
+def test_fsdp_really_shards_parameters_and_optimizer_state():
+  _, state = train(jax.devices(), "fsdp")
+  qkv = state.params["blocks"][0]["attn"]["qkv"]["kernel"]  # [64, 192]
+  assert qkv.sharding.spec == P(None, sharding.DATA)
+  assert {s.data.shape for s in qkv.addressable_shards} == {(64, 24)}
+  mu = state.opt_state[1][0].mu["blocks"][0]["attn"]["qkv"]["kernel"]
+  assert mu.sharding.spec == P(None, sharding.DATA)
+  norm = state.params["blocks"][0]["norm1"]["scale"]  # too small to be worth splitting
+  assert norm.sharding.spec == P()
+
+
+@pytest.mark.parametrize("saved_on, restored_on", [(8, 1), (1, 8)])
+def test_checkpoints_restore_onto_another_device_count(tmp_path, saved_on, restored_on):
+  tx = optim.make_optimizer(config())
+  _, state = init_state(model(), tx)
+  state = state.replace(params=jax.tree.map(lambda x: x + 1.0, state.params))
+
+  def placed(n):
+    mesh = sharding.make_mesh(jax.devices()[:n])
+    return jax.device_put(state, sharding.state_shardings(state, mesh, "fsdp"))
+
+  ckpts = Checkpoints(tmp_path, keep=2)
+  ckpts.save(placed(saved_on))
+  ckpts.wait()
+  target = jax.tree.map(np.zeros_like, placed(restored_on))
+  target = jax.device_put(target, jax.tree.map(lambda x: x.sharding, placed(restored_on)))
+  restored = Checkpoints(tmp_path, keep=2).restore_latest(target)
+  for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(target)):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding == t.sharding
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
+  common = ["gpt_shakespeare:tiny", "--config.steps=10", "--config.progress_bar=false",
+            "--config.parallelism=fsdp", "--config.checkpoint_every=5"]
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+         "JAX_COMPILATION_CACHE_DIR": str(fault_trials.REPO / ".cache" / "jax")}
+
+  def launch(args, devices):
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen([sys.executable, "-m", "experiments", *common, *args],
+                            cwd=fault_trials.REPO, env={**env, "XLA_FLAGS": flags},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  single = launch([f"--config.workdir={tmp_path / 'single'}"], 8)
+  address = f"127.0.0.1:{_free_port()}"
+  hosts = [launch([f"--config.workdir={tmp_path / 'multi'}", f"--config.coordinator_address={address}",
+                   "--config.num_processes=2", f"--config.process_id={i}"], 4) for i in range(2)]
+  for process in [single, *hosts]:
+    code, err = fault_trials.finish(process, timeout=600)
+    assert code == 0, err
+  single_rows = fault_trials.curves(tmp_path / "single")
+  multi_rows = fault_trials.curves(tmp_path / "multi")
+  assert [r["step"] for r in multi_rows] == [r["step"] for r in single_rows]
+  for a, b in zip(single_rows, multi_rows):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  assert fault_trials.complete_checkpoints(tmp_path / "multi") == {5, 10}
+  assert (tmp_path / "multi" / "samples.txt").exists()
+
+
+def test_config_names_of_every_experiment_include_parallelism():
+  for name in experiments.EXPERIMENTS:
+    assert experiments.get_config(name).parallelism in config_lib.PARALLELISM
