@@ -4,6 +4,9 @@ An experiment module has a docstring (first line: what it shows; then its comman
 result and runtime), `VARIANTS` (the first is the default), `get_config(variant)` and
 `build(config) -> research.train.task.Task`. It may also define `COMMANDS = {"name": fn(argv)}`
 for things to do with a trained run (e.g. `translate`). Adding a module adds the experiment.
+An experiment made of several runs (a sweep, a comparison) defines `run(config, experiment=spec)
+-> {split: metrics}` instead of `build`: it trains each sub-run, an ordinary run of another
+experiment in a subfolder of its workdir, and writes its report there.
 """
 
 from __future__ import annotations
@@ -56,7 +59,11 @@ def load_run(workdir: str | Path):
   saved = json.loads(path.read_text())
   spec = saved.pop("experiment")
   config = ml_collections.ConfigDict(saved)
-  task = load(parse_name(spec)[0]).build(config)
+  module = load(parse_name(spec)[0])
+  if not hasattr(module, "build"):
+    raise ConfigError(f"{workdir} holds a {spec} run, made of the runs in its subfolders; "
+                      f"load one of those")
+  task = module.build(config)
   graphdef, state = init_state(task.model, optim.make_optimizer(config))
   ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   restored = ckpts.restore_latest(state)

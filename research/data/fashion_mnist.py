@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from research.config import ConfigError
 from research.data import sources
 
 DATASET = "fashion_mnist"
@@ -24,7 +25,7 @@ def split_rows(num_train: int, num_test: int, val_size: int,
   """split -> (tfds split, row indices): train = the first rows of tfds train, val = its last
   `val_size`, test = tfds test; `max_examples` > 0 keeps only the first that many of each."""
   if not 0 < val_size < num_train:
-    raise sources.DataError(f"config.data.val_size={val_size} must be in (0, {num_train})")
+    raise ConfigError(f"config.data.val_size={val_size} must be in (0, {num_train})")
   rows = {"train": ("train", np.arange(num_train - val_size)),
           "val": ("train", np.arange(num_train - val_size, num_train)),
           "test": ("test", np.arange(num_test))}

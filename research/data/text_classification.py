@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from research.data import sources
+from research.data.batching import Shard, shard_slice
 from research.data.subword import PAD
 
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
@@ -118,6 +119,43 @@ def load_clinc_oos(manual_dir: str = "") -> TextClassification:
     splits[split] = ([r["text"].decode() for r in examples],
                      np.asarray([r["intent"] for r in examples], np.int32))
   return TextClassification("clinc_oos", splits, [names[i] for i in range(len(names))])
+
+
+@dataclasses.dataclass
+class LengthBucketedBatches:
+  """Shuffled passes over `arrays` (like `EpochBatches`) whose batches hold sentences of
+  similar length, so trimmed batches carry little padding: each pass is shuffled, cut into
+  windows of `window` batches, each window sorted by length and cut into batches, and the
+  batches of the pass shuffled. Batch `step` is a pure function of (seed, step)."""
+
+  arrays: dict[str, np.ndarray]
+  lengths: np.ndarray
+  batch_size: int
+  seed: int
+  window: int = 50
+
+  def __post_init__(self):
+    self.size = len(self.lengths)
+    if self.size < self.batch_size:
+      raise ValueError(f"{self.size} examples are fewer than one batch of {self.batch_size}")
+    self.steps_per_epoch = self.size // self.batch_size
+    self._epoch, self._batches = -1, None
+
+  def _plan(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, epoch])
+    order = rng.permutation(self.size)[:self.steps_per_epoch * self.batch_size]
+    chunk = self.window * self.batch_size
+    for start in range(0, len(order), chunk):
+      rows = order[start:start + chunk]
+      order[start:start + chunk] = rows[np.argsort(self.lengths[rows], kind="stable")]
+    return order.reshape(self.steps_per_epoch, self.batch_size)[rng.permutation(self.steps_per_epoch)]
+
+  def __call__(self, step: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+    epoch, i = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      self._epoch, self._batches = epoch, self._plan(epoch)
+    rows = self._batches[i][shard_slice(self.batch_size, shard)]
+    return {k: v[rows] for k, v in self.arrays.items()}
 
 
 def trim_padding(tokens_BxT: np.ndarray, multiple: int) -> np.ndarray:

@@ -54,8 +54,10 @@ def attention_to(maps_LxBxHxTxT, key_BxT):
   """Per example: (sum over scored queries of the weight on their target [B, L, H], count [B])."""
   key_BxT = jnp.asarray(key_BxT)
   scored_BxT = key_BxT >= 0
-  onehot_BxTxS = (jnp.arange(maps_LxBxHxTxT.shape[-1]) == key_BxT[..., None]) & scored_BxT[..., None]
-  sums_LxBxH = jnp.einsum("lbhts,bts->lbh", maps_LxBxHxTxT, onehot_BxTxS.astype(maps_LxBxHxTxT.dtype))
+  S = maps_LxBxHxTxT.shape[-1]
+  onehot_BxTxS = (jnp.arange(S) == key_BxT[..., None]) & scored_BxT[..., None]
+  sums_LxBxH = jnp.einsum("lbhts,bts->lbh", maps_LxBxHxTxT,
+                          onehot_BxTxS.astype(maps_LxBxHxTxT.dtype))
   return sums_LxBxH.transpose(1, 0, 2), scored_BxT.sum(axis=1)
 
 

@@ -2,7 +2,9 @@
 
 Both take `step(tokens_N, cache, pos) -> (logits_NxV, cache)`: the next-token logits for the
 token at position `pos` of each of N sequences. Every leaf of `cache` has the batch on its
-leading axis; beam search repeats it for the beams and reorders it as beams are chosen.
+leading axis; beam search repeats it for the beams (row b * K + k) and reorders it as beams
+are chosen. What never changes while decoding (an encoder's output) belongs in the closure
+of `step` instead, repeated with `repeat_beams`, so that it is never copied.
 
 Beam search keeps `beam_size` live hypotheses and the `beam_size` best finished ones per
 sentence, scored as GNMT does (Wu et al. 2016; alpha = 0.6 in Vaswani et al. 2017):
@@ -24,6 +26,11 @@ NEG_INF = -1e9  # finite, so that sums of impossible scores never become nan
 
 def length_penalty(length, alpha: float):
   return ((5.0 + length) / 6.0) ** alpha
+
+
+def repeat_beams(tree, beam_size: int):
+  """Each row of every leaf `beam_size` times in a row: the layout beam search steps over."""
+  return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
 
 
 def greedy_search(step: StepFn, cache, *, batch_size: int, max_len: int, bos: int,
@@ -51,7 +58,7 @@ def beam_search(step: StepFn, cache, *, batch_size: int, beam_size: int, max_len
   """The finished hypotheses [B, K, max_len] (best first; EOS-filled after their EOS) and
   their scores [B, K]. Hypotheses still live at `max_len` tokens count as finished there."""
   B, K = batch_size, beam_size
-  cache = jax.tree.map(lambda x: jnp.repeat(x, K, axis=0), cache)  # row b * K + k
+  cache = repeat_beams(cache, K)
 
   def gather_beams(x_BxKx, index_BxM):
     return jnp.take_along_axis(x_BxKx, index_BxM.reshape(index_BxM.shape + (1,) * (x_BxKx.ndim - 2)),

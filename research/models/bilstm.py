@@ -29,7 +29,6 @@ class BiLSTMClassifier(nnx.Module):
 
   def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int = 256,
                hidden_dim: int = 256, dropout: float = 0.0, dtype="float32", rngs: nnx.Rngs):
-    self.hidden_dim, self.dtype = hidden_dim, dtype
     self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.1),
                            dtype=dtype, rngs=rngs)
     self.forward = LSTM(embed_dim, hidden_dim, dtype=dtype, rngs=rngs)
@@ -41,9 +40,8 @@ class BiLSTMClassifier(nnx.Module):
     valid_BxT = tokens_BxT != PAD
     lengths_B = valid_BxT.sum(axis=1)
     x_BxTxE = self.dropout(self.embed(tokens_BxT), deterministic=rngs is None, rngs=rngs)
-    zeros_BxH = jnp.zeros((tokens_BxT.shape[0], self.hidden_dim), self.dtype)
-    _, fwd_BxTxH = self.forward(x_BxTxE, (zeros_BxH, zeros_BxH))
-    _, bwd_BxTxH = self.backward(reverse_within_length(x_BxTxE, lengths_B), (zeros_BxH, zeros_BxH))
+    _, fwd_BxTxH = self.forward(x_BxTxE)
+    _, bwd_BxTxH = self.backward(reverse_within_length(x_BxTxE, lengths_B))
     h_BxTx2H = jnp.concatenate([fwd_BxTxH, reverse_within_length(bwd_BxTxH, lengths_B)], axis=-1)
     valid_BxTx1 = valid_BxT[..., None].astype(h_BxTx2H.dtype)
     pooled_Bx2H = (h_BxTx2H * valid_BxTx1).sum(1) / jnp.maximum(valid_BxTx1.sum(1), 1)

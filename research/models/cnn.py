@@ -1,10 +1,12 @@
 """A small ResNet for low-resolution images: 3x3 convolutions, BatchNorm, residual stages.
 
-Each stage halves the resolution (after the first) and widens the channels; a global average
-pool feeds one Linear head. BatchNorm normalizes with the batch's statistics in training
-(`rngs` given) and with its running averages in evaluation (`rngs=None`); the running
-averages are model state outside the parameters, which the training loop carries and averages
-across devices.
+A 3x3 stem convolution reads the full-resolution image; each stage then halves the resolution
+and widens the channels (28x28 -> 14, 7, 4 with three stages), which keeps the convolutions
+cheap enough to train on a laptop CPU; a global average pool feeds one Linear head.
+
+BatchNorm normalizes with the batch's statistics in training (`rngs` given) and with its
+running averages in evaluation (`rngs=None`); the running averages are model state outside
+the parameters, which the training loop carries and averages across devices.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class CNN(nnx.Module):
     blocks, in_ch = [], c.widths[0]
     for stage, width in enumerate(c.widths):
       for i in range(c.blocks_per_stage):
-        stride = 2 if stage > 0 and i == 0 else 1
+        stride = 2 if i == 0 else 1
         blocks.append(ResidualBlock(in_ch, width, stride, dtype=c.dtype, rngs=rngs))
         in_ch = width
     self.blocks = nnx.List(blocks)

@@ -5,9 +5,11 @@ embedding (also to the source embedding when the two languages share one vocabul
 interface every translation model here has:
 
 - `encode(src_BxS) -> memory` (a dict with the source padding mask `valid`),
-- `init_cache(memory, max_len) -> cache` (everything decoding needs: the decoder's
-  self-attention KV cache, and the cross-attention keys and values, computed once),
-- `decode(tokens_BxT, cache, pos) -> (logits_BxTxV, cache)` for target positions pos..pos+T-1,
+- `init_cache(memory, max_len) -> (context, cache)`: what decoding reads and never changes
+  (here the cross-attention keys and values, computed once) and what each step updates
+  (here the self-attention KV cache of `max_len` target positions),
+- `decode(tokens_BxT, context, cache, pos) -> (logits_BxTxV, cache)` for target positions
+  pos..pos+T-1,
 - `__call__(src_BxS, tgt_in_BxT) -> logits_BxTxV`, teacher-forced.
 """
 
@@ -79,23 +81,23 @@ class Seq2SeqTransformer(nnx.Module):
       x_BxSxD, _ = block(x_BxSxD, mask_BxHxTxS=mask, rngs=rngs)
     return {"x": self.encoder_norm(x_BxSxD), "valid": valid_BxS}
 
-  def init_cache(self, memory: dict, max_len: int) -> dict:
-    """The decoder's state before the first target token; `max_len` target positions."""
+  def init_cache(self, memory: dict, max_len: int) -> tuple[dict, list]:
+    """(the cross-attention keys and values of every decoder layer, and the source mask;
+    empty self-attention caches for `max_len` target positions)."""
     B = memory["x"].shape[0]
-    return {"valid": memory["valid"],
-            "context": [b.cross_attention.context_kv(memory["x"]) for b in self.decoder],
-            "self": [b.self_attention.init_cache(B, max_len, self.cfg.dtype) for b in self.decoder]}
+    context = {"valid": memory["valid"],
+               "kv": [b.cross_attention.context_kv(memory["x"]) for b in self.decoder]}
+    return context, [b.self_attention.init_cache(B, max_len, self.cfg.dtype) for b in self.decoder]
 
-  def decode(self, tokens_BxT, cache: dict, pos, *, rngs=None):
+  def decode(self, tokens_BxT, context: dict, cache: list, pos, *, rngs=None):
     x_BxTxD = self._embed(self.tgt_embed, tokens_BxT, pos, rngs)
-    context_mask = padding_mask(cache["valid"])
-    new_self = []
-    for block, context_kv, self_cache in zip(self.decoder, cache["context"], cache["self"]):
-      x_BxTxD, self_cache = block(x_BxTxD, context_mask_BxHxTxS=context_mask, rngs=rngs,
-                                  cache=self_cache, pos=pos, context_kv=context_kv)
-      new_self.append(self_cache)
-    logits_BxTxV = self.tgt_embed.attend(self.decoder_norm(x_BxTxD)).astype(jnp.float32)
-    return logits_BxTxV, {**cache, "self": new_self}
+    context_mask = padding_mask(context["valid"])
+    new_cache = []
+    for block, context_kv, layer_cache in zip(self.decoder, context["kv"], cache):
+      x_BxTxD, layer_cache = block(x_BxTxD, context_mask_BxHxTxS=context_mask, rngs=rngs,
+                                   cache=layer_cache, pos=pos, context_kv=context_kv)
+      new_cache.append(layer_cache)
+    return self.tgt_embed.attend(self.decoder_norm(x_BxTxD)).astype(jnp.float32), new_cache
 
   def __call__(self, src_BxS, tgt_in_BxT, *, rngs=None):
     """Teacher forcing: logits for every target position, in one parallel pass."""

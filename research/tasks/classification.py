@@ -1,9 +1,10 @@
 """Supervised classification for any model mapping a batch of inputs to logits [B, C].
 
-Data are arrays `{"inputs": [N, ...], "labels": [N]}`: the training set, and each evaluation
-split. `transform` turns a batch of stored inputs into what the model reads (trimming
-padding, bag-of-words counts, normalizing pixels); it sees whole batches before they are
-split over processes, so every process gets the same shapes.
+Data are arrays `{"inputs": [N, ...], "labels": [N]}`: the training set (or a function of the
+step returning its whole batch, e.g. length-bucketed), and each evaluation split. `transform`
+turns a batch of stored inputs into what the model reads (trimming padding, bag-of-words
+counts, normalizing pixels); it sees whole batches before they are split over processes, so
+every process gets the same shapes.
 
 Every evaluation writes, per split, accuracy and macro precision/recall/F1 (plus what
 `decide` adds) to metrics.jsonl, and to the run folder `confusion_<split>.png` and
@@ -73,7 +74,7 @@ def write_report(workdir: Path, split: str, labels_N, predictions_N, class_names
                         title=f"{split} confusion matrix (rows: true class)")
 
 
-def classification_task(config, model, train: Arrays, evals: dict[str, Arrays],
+def classification_task(config, model, train: Arrays | Callable[[int], Arrays], evals: dict[str, Arrays],
                         class_names: Sequence[str], *, transform: Callable[[Arrays], Arrays] | None = None,
                         decide: Decide = argmax_decide, eval_batch_size: int | None = None,
                         augment: Callable[[Arrays, int], Arrays] | None = None) -> Task:
@@ -91,7 +92,7 @@ def classification_task(config, model, train: Arrays, evals: dict[str, Arrays],
   if eval_batch_size % jax.device_count():
     raise ConfigError(f"eval batch size {eval_batch_size} is not divisible by the "
                       f"{jax.device_count()} devices")
-  batches = EpochBatches(train, config.batch_size, config.seed)
+  batches = train if callable(train) else EpochBatches(train, config.batch_size, config.seed)
   workdir = Path(config.workdir)
 
   def train_data(step, shard):

@@ -14,6 +14,7 @@ encoder before fine-tuning starts. The [MASK] id is one past the tokenizer's voc
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -23,9 +24,9 @@ import optax
 from flax import nnx
 
 from research import config as config_lib
-from research.data.batching import EpochBatches, padded_batches, shard_slice
+from research.data.batching import padded_batches, shard_slice
 from research.data.subword import EOS, PAD
-from research.data.text_classification import trim_padding
+from research.data.text_classification import LengthBucketedBatches, trim_padding
 from research.models.encoder import Encoder, MaskedLM
 from research.train import loop, optim
 from research.train.checkpoint import Checkpoints
@@ -72,7 +73,7 @@ def mlm_task(config, model: MaskedLM, train_NxT: np.ndarray, val_NxT: np.ndarray
              mask_id: int, vocab_size: int, trim_multiple: int = 16) -> Task:
   """MLM on rows of token ids (right-padded); `val` is masked once, with fixed seeds."""
   rate, bs = config.pretrain.mask_rate, config.batch_size
-  batches = EpochBatches({"tokens": train_NxT}, bs, config.seed)
+  batches = LengthBucketedBatches({"tokens": train_NxT}, (train_NxT != PAD).sum(1), bs, config.seed)
 
   def corrupt(tokens_BxT, seed):
     return mask_tokens(trim_padding(tokens_BxT, trim_multiple), np.random.default_rng(seed),
@@ -124,8 +125,12 @@ def pretrain_encoder(config, encoder: Encoder, train_NxT: np.ndarray, val_NxT: n
     return
   sub = phase_config(config, p.to_dict(), workdir / "pretrain")
   model = MaskedLM(encoder.cfg, rngs=nnx.Rngs(config.seed))
-  loop.train(mlm_task(sub, model, train_NxT, val_NxT, mask_id=mask_id, vocab_size=vocab_size,
-                      trim_multiple=trim_multiple), sub, experiment=f"{experiment}/pretrain")
+  results = loop.train(mlm_task(sub, model, train_NxT, val_NxT, mask_id=mask_id,
+                                vocab_size=vocab_size, trim_multiple=trim_multiple),
+                       sub, experiment=f"{experiment}/pretrain")
+  val = results.get("val", {})
+  print(f"pretrained ({sub.workdir}): MLM val loss={val.get('loss', float('nan')):.4f}, "
+        f"accuracy={val.get('accuracy', float('nan')):.4f}", file=sys.stderr)
   graphdef, state = init_state(model, optim.make_optimizer(sub))
   checkpoints = Checkpoints(workdir / "pretrain" / "checkpoints", sub.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
