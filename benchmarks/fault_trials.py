@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"step_time_ms", "tokens_per_second", "mfu"}
+TIMING = {"step_time_ms", "tokens_per_second", "mfu", "wall_s"}
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL}
 RUN_ARGS = ["--config.steps=600", "--config.decay_steps=600", "--config.checkpoint_every=40",
             "--config.eval_every=100", "--config.log_every=5", "--config.progress_bar=false",

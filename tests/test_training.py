@@ -17,7 +17,7 @@ from research.train import loop
 from research.train.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"step_time_ms", "tokens_per_second", "mfu"}
+TIMING = {"step_time_ms", "tokens_per_second", "mfu", "wall_s"}
 
 
 def run(spec, workdir, *overrides):

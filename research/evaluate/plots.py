@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from research.evaluate.writer import read_metrics  # noqa: E402
 
 # Timing fields describe the machine, not the model.
-_NOT_PLOTTED = {"step", "split", "tokens_per_second", "step_time_ms", "mfu", "learning_rate"}
+_NOT_PLOTTED = {"step", "split", "tokens_per_second", "step_time_ms", "mfu", "learning_rate",
+                "wall_s"}
 
 
 def plot_metrics(workdir: Path, log_x: bool = False) -> list[Path]:

@@ -64,7 +64,7 @@ class CausalSelfAttention(nnx.Module):
     B, T, D = x_BxTxD.shape
     H = cfg.num_heads
     q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = jnp.split(
-        self.qkv(x_BxTxD).reshape(B, T, 3 * H, D // H), 3, axis=2)
+        self.qkv(x_BxTxD.reshape(B * T, D)).reshape(B, T, 3 * H, D // H), 3, axis=2)
     start = 0 if pos is None else pos
     if cfg.position == "rope":
       positions_T = start + jnp.arange(T)
@@ -84,7 +84,7 @@ class CausalSelfAttention(nnx.Module):
       y_BxTxHxK = dot_product_attention(q_BxTxHxK, k_BxSxHxK.astype(q_BxTxHxK.dtype),
                                         v_BxSxHxK.astype(q_BxTxHxK.dtype), causal=False,
                                         mask_BxHxTxS=mask_TxS[None, None])
-    y_BxTxD = self.out(y_BxTxHxK.reshape(B, T, D))
+    y_BxTxD = self.out(y_BxTxHxK.reshape(B * T, D)).reshape(B, T, D)
     return self.dropout(y_BxTxD, deterministic=rngs is None, rngs=rngs), cache
 
 
@@ -98,8 +98,9 @@ class MLP(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BxTxD, *, rngs=None):
-    h_BxTxF = jax.nn.gelu(self.up(x_BxTxD), approximate=True)
-    return self.dropout(self.down(h_BxTxF), deterministic=rngs is None, rngs=rngs)
+    x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])  # see `research.nn.transformer.MLP`
+    y_NxD = self.down(jax.nn.gelu(self.up(x_NxD), approximate=True))
+    return self.dropout(y_NxD.reshape(x_BxTxD.shape), deterministic=rngs is None, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -148,7 +149,9 @@ class GPT(nnx.Module):
 
   def _logits(self, x_BxTxD):
     # Tied weights: the output layer is the transposed input embedding; softmax in float32.
-    return self.embed.attend(self.norm(x_BxTxD)).astype(jnp.float32)
+    B, T, D = x_BxTxD.shape
+    logits_NxV = self.embed.attend(self.norm(x_BxTxD).reshape(B * T, D))
+    return logits_NxV.reshape(B, T, -1).astype(jnp.float32)
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, T, V] for next-token prediction; `rngs` given = training (dropout on)."""

@@ -147,6 +147,7 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
       attention.check_supported(config.model.attention)
     except ValueError as e:
       raise config_lib.ConfigError(str(e)) from None
+  started = time.perf_counter()
   workdir = Path(config.workdir)
   is_main = jax.process_index() == 0
   tx = optim.make_optimizer(config)
@@ -218,6 +219,8 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
           check_finite()
           line = {k: float(v) for k, v in metrics.items()}
           line["learning_rate"] = float(schedule(step - 1))
+          # Since this process started the run: compilation and evaluation included.
+          line["wall_s"] = time.perf_counter() - started
           if config.nonfinite == "skip":
             line["skipped"] = int(state.skipped)
             check_progress(step, line["skipped"])
