@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np
 
 import experiments
 from research import config as config_lib
+from research import sharding
 from research.data.text import LMBatches
 from research.evaluate.writer import read_metrics
 from research.train import loop
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
   config = config_lib.apply_overrides(experiments.get_config("gpt_shakespeare:baby"), [
       f"--config.steps={args.steps}", f"--config.eval_every={args.eval_every}",
       f"--config.checkpoint_every={args.steps}", "--config.progress_bar=false"])
+  sharding.split_cpu_into_devices(config.batch_size)  # as `python -m experiments` does
   from research.tasks.language_model import load_char_data
   tokenizer, tokens = load_char_data(config)
   tokens["vocab_size"] = tokenizer.vocab_size
@@ -111,11 +114,11 @@ def main(argv=None) -> int:
                      "train_seconds": r["seconds_at"][max(r["seconds_at"])]}
   speedup = summary["jax"]["tokens_per_second"] / summary["pytorch"]["tokens_per_second"]
   stamp = time.strftime("%Y-%m-%d")
-  machine = f"{platform.processor() or platform.machine()}, {jax.device_count()} JAX CPU device(s)"
+  machine = f"{_cpu_name()}, {os.cpu_count()} cores, {jax.device_count()} JAX device(s)"
   versions = f"jax {jax.__version__}, torch {torch.__version__}"
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "gpt_vs_pytorch.json").write_text(json.dumps(
-      {"date": stamp, "versions": versions, "args": vars(args) | {"out": str(args.out)},
+      {"date": stamp, "machine": machine, "versions": versions, "args": vars(args) | {"out": str(args.out)},
        "summary": summary, "speedup": speedup, "curves": {k: v["val"] for k, v in results.items()}},
       indent=2) + "\n")
 
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
 
   lines = [f"# gpt_shakespeare:baby, JAX vs PyTorch ({stamp})", "",
            f"`make bench` (= `python -m benchmarks.gpt_vs_pytorch --steps {args.steps} "
-           f"--eval-every {args.eval_every} --target {args.target}`), {versions}, "
+           f"--eval-every {args.eval_every} --target {args.target}`) on {machine}; {versions}; "
            f"{config.model.num_layers} layers, width {config.model.embed_dim}, context "
            f"{config.model.block_size}, batch {config.batch_size}, fp32.", "",
            "| | median ms/step | tokens/s | val loss at the end | train time to val loss "
@@ -138,6 +141,16 @@ def main(argv=None) -> int:
   _plot(results, args.target, args.out / "gpt_vs_pytorch.png")
   print("\n".join(lines))
   return 0
+
+
+def _cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def _plot(results: dict, target: float, path: Path) -> None:

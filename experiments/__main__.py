@@ -41,6 +41,7 @@ def _run(spec: str, overrides: list[str]) -> int:
 
   import experiments
   from research import config as config_lib
+  from research import sharding
   from research.train import loop
 
   name, _ = experiments.parse_name(spec)
@@ -49,6 +50,9 @@ def _run(spec: str, overrides: list[str]) -> int:
     if config.coordinator_address:
       raise config_lib.ConfigError("multi-host runs need an explicit shared --config.workdir")
     config.workdir = str(Path("runs") / name / time.strftime("%Y%m%d-%H%M%S"))
+  if not config.coordinator_address:
+    sharding.split_cpu_into_devices(config.batch_size, *([config.eval_batch_size]
+                                                         if config.get("eval_batch_size") else []))
   _join_cluster(config)
   config_lib.validate(config, jax.device_count())
   print(f"{spec}: workdir {config.workdir}", file=sys.stderr)

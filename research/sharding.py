@@ -9,11 +9,36 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+
+
+MAX_CPU_DEVICES = 8
+
+
+def cpu_device_count(cores: int, batch_sizes: tuple[int, ...]) -> int:
+  """The most devices (at most one per core, MAX_CPU_DEVICES) that divide every batch size."""
+  common = math.gcd(*batch_sizes)
+  return max(d for d in range(1, min(cores, MAX_CPU_DEVICES) + 1) if common % d == 0)
+
+
+def split_cpu_into_devices(*batch_sizes: int) -> int:
+  """Makes the host CPU one XLA device per core, so a single-process run is data parallel
+  across cores. For small models this beats XLA:CPU's threading inside each op: 1.5x on the
+  gpt_shakespeare:baby step on 2 cores (benchmarks/results/gpt_vs_pytorch.md). Call it before
+  JAX first touches a device; an explicit device count in XLA_FLAGS wins. Returns the count."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" in flags:
+    return int(flags.split("xla_force_host_platform_device_count=")[1].split()[0])
+  count = cpu_device_count(len(os.sched_getaffinity(0)), batch_sizes)
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+  return count
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -152,3 +152,13 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
 def test_config_names_of_every_experiment_include_parallelism():
   for name in experiments.EXPERIMENTS:
     assert experiments.get_config(name).parallelism in config_lib.PARALLELISM
+
+
+def test_cpu_device_count_divides_every_batch_and_respects_the_cores():
+  assert sharding.cpu_device_count(2, (12,)) == 2
+  assert sharding.cpu_device_count(16, (12, 128)) == 4
+  assert sharding.cpu_device_count(4, (6,)) == 3
+  assert sharding.cpu_device_count(64, (1024,)) == sharding.MAX_CPU_DEVICES
+  assert sharding.cpu_device_count(8, (7,)) == 7
+  assert sharding.cpu_device_count(8, (9, 15)) == 3
+  assert sharding.cpu_device_count(1, (12,)) == 1
