@@ -3,14 +3,15 @@
 Command:  make experiment NAME=grokking                   (variant `fast`, the default)
           make experiment NAME=grokking:paper             (Nanda et al. 2023's configuration)
           make experiment NAME=grokking:tiny              (seconds; for tests)
-Expected: train accuracy reaches 100% within a few hundred steps while val accuracy stays
-          near chance (1/p), then val accuracy jumps to >= 99% thousands of steps later. After
+Expected: train accuracy reaches 100% within about 100 steps while val accuracy stays near
+          chance (1/p) for several hundred more, then jumps to >= 99% (`fast`: around step
+          900; the README's results table has the measured steps). After
           the jump the embedding is sparse in the Fourier basis of Z_p: a handful of key
           frequencies hold most of its norm (Nanda et al.: 5 key frequencies for p = 113).
           `fourier.png` shows the norm per frequency, `accuracy.png` and `loss.png` the curves
           (log step axis); `grokking.json` the steps of both transitions and the key frequencies.
-Runtime:  `fast` (p = 97, 50% of pairs) under 10 minutes on a 2-core CPU; `paper` (p = 113,
-          30%, 20k steps) takes hours there.
+Runtime:  `fast` (p = 97, 40% of the unordered pairs, lr 3e-3, 1500 steps) about 6 minutes
+          on a 2-core CPU; `paper` (p = 113, 30%, lr 1e-3, 20k steps) takes hours there.
 Data:     generated: every pair (a, b) as the tokens [a, b, =], its label (a + b) mod p; a seeded
           shuffle puts `train_fraction` of the pairs in train and the rest in val. Training is
           full batch: config.batch_size must cover all training pairs (padding is masked out).
@@ -52,14 +53,16 @@ def get_config(variant: str = "fast") -> ml_collections.ConfigDict:
   c.model = dict(num_layers=1, num_heads=4, embed_dim=128, mlp_ratio=4, init_scale=4.4,
                  attention="xla")
   c.fourier_top_k = 5
-  # AdamW(lr 1e-3, weight decay 1.0, betas (0.9, 0.98)), 10 warmup steps, then constant; no
-  # clipping; full batch.
-  c.update(steps=3000, learning_rate=1e-3, min_learning_rate=1e-3, warmup_steps=10,
+  # AdamW(weight decay 1.0, betas (0.9, 0.98)), 10 warmup steps, then constant; no clipping;
+  # full batch. Weight decay shrinks the weights at a rate set by lr * wd, so `fast`'s lr of
+  # 3e-3 groks in under a third of the steps lr 1e-3 needs (val 1.9% at step 3000 with 1e-3).
+  c.update(steps=1500, learning_rate=3e-3, min_learning_rate=3e-3, warmup_steps=10,
            weight_decay=1.0, b1=0.9, b2=0.98, grad_clip=0.0, eval_every=50, log_every=10,
-           checkpoint_every=1000)
+           checkpoint_every=500)
   if variant == "paper":
     c.data.update(p=113, train_fraction=0.3, commutative_split=False)
-    c.update(steps=20_000, eval_every=100, checkpoint_every=2000)
+    c.update(steps=20_000, learning_rate=1e-3, min_learning_rate=1e-3, eval_every=100,
+             checkpoint_every=2000)
   elif variant == "tiny":
     c.data.update(p=11, train_fraction=0.5)
     c.model.update(num_heads=2, embed_dim=16)
@@ -155,7 +158,8 @@ def build(config):
     rows = read_metrics(workdir / "metrics.jsonl")
     first = lambda split, ok: next((r["step"] for r in rows if r["split"] == split and ok(r)), None)
     summary = {
-        "train_accuracy_100_step": first("train", lambda r: r.get("accuracy", 0) >= 1.0),
+        # A float32 mean of thousands of ones lands a few ulps under 1.
+        "train_accuracy_100_step": first("train", lambda r: r.get("accuracy", 0) > 1 - 1e-5),
         "val_accuracy_99_step": first("val", lambda r: r.get("accuracy", 0) >= 0.99),
         "final_val_accuracy": next(r["accuracy"] for r in reversed(rows) if r["split"] == "val"),
         "key_frequencies": keys,

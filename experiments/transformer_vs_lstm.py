@@ -130,8 +130,15 @@ def run(config, *, experiment: str) -> dict[str, dict]:
     results[name] = {"params": plan[name]["params"], "steps": plan[name]["steps"],
                      "train_seconds": curves[name][-1][0],
                      "val_bits_per_char": val[-1]["loss"] / math.log(2)}
+  # The plan's step counts come from a short calibration, so the runs' real training times
+  # differ a little; compare both at the time the shorter one trained.
+  common = min(r["train_seconds"] for r in results.values())
+  for name, r in results.items():
+    r["val_bits_per_char_at_common_seconds"] = next(
+        (bpc for seconds, bpc in reversed(curves[name]) if seconds <= common + 1e-9), math.nan)
   (workdir / "comparison.json").write_text(json.dumps(
-      {"budget_seconds": config.budget_seconds, **results}, indent=2) + "\n")
+      {"budget_seconds": config.budget_seconds, "common_seconds": common, **results},
+      indent=2) + "\n")
   _plot(curves, results, workdir / "comparison.png")
   print(f"comparison.json and comparison.png in {workdir}")
   return {name: {k: float(v) for k, v in r.items()} for name, r in results.items()}

@@ -26,6 +26,7 @@ def test_tiny_race_trains_both_models_and_reports_bits_per_char(tmp_path):
   report = json.loads((tmp_path / "run" / "comparison.json").read_text())
   for name in ("gpt", "lstm"):
     assert 0 < report[name]["val_bits_per_char"] < 8
+    assert 0 < report[name]["val_bits_per_char_at_common_seconds"] < 8
     assert results[name]["steps"] == report[name]["steps"] <= config.steps
     # Each model is an ordinary run of its single-run experiment.
     spec, _, _ = experiments.load_run(tmp_path / "run" / name)
