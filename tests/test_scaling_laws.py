@@ -18,6 +18,15 @@ def test_fit_recovers_a_known_power_law():
   assert 0 < fit["alpha_stderr"] < 0.1
 
 
+def test_kaplan_form_recovers_a_pure_power_law():
+  n = np.geomspace(1e4, 2e6, 6)
+  loss = (8e8 / n) ** 0.076 * (1 + 0.002 * np.random.default_rng(1).normal(size=6))
+  fit = scaling_laws.fit_kaplan_form(n, loss)
+  assert abs(fit["kaplan_alpha"] - 0.076) < 3 * fit["kaplan_alpha_stderr"] + 0.005
+  assert 0 < fit["kaplan_alpha_stderr"] < 0.01
+  assert abs(np.log(fit["kaplan_n_c"] / 8e8)) < 1.0
+
+
 def test_non_embedding_params_are_kaplans_12_layers_width_squared_plus_norms():
   # 12 L d^2 in the matrices, plus the LayerNorm scales (2 per block and 1 final).
   assert scaling_laws.non_embedding_params(2, 64, 16, 128) == 12 * 2 * 64 ** 2 + 5 * 64
