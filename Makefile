@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= grokking
 ARGS ?=
 
-.PHONY: experiment test bench profile-kernels fault-trials list clean
+.PHONY: experiment test bench bench-mfu profile-kernels fault-trials list clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.gpt_vs_pytorch $(ARGS)
+
+bench-mfu: $(VENV)/.installed
+	$(PY) -m benchmarks.mfu $(ARGS)
 
 profile-kernels: $(VENV)/.installed
 	$(PY) -m kernels.flash_attention.bench $(ARGS)

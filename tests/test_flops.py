@@ -1,5 +1,7 @@
 """The MFU numerator: the FLOPs-per-token formula against XLA's count of the compiled step."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -44,3 +46,16 @@ def test_device_peaks_come_from_a_table_by_kind():
   assert flops.device_peak_flops(Device("NVIDIA A100-SXM4-40GB"), "bfloat16") == 312e12
   assert flops.device_peak_flops(Device("TPU v5 lite"), "bfloat16") == 197e12
   assert flops.device_peak_flops(Device("cpu"), "float32") is None
+
+
+def test_mfu_benchmark_runs_sharded_and_writes_its_report(tmp_path):
+  from benchmarks import mfu
+
+  assert mfu.main(["--size", "tiny", "--batch", "8", "--steps", "2", "--dtype", "float32",
+                   "--out", str(tmp_path)]) == 0
+  (report,) = tmp_path.glob("mfu_tiny_*.json")
+  result = json.loads(report.read_text())
+  assert result["devices"] == jax.device_count() and result["tokens_per_second"] > 0
+  assert np.isfinite(result["final_loss"])
+  assert result["mfu"] is None  # CPUs have no peak in the table
+  assert mfu.main(["--size", "tiny", "--batch", "3", "--out", str(tmp_path)]) == 2
