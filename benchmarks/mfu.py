@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     result = measure(args.size, batch=args.batch, steps=args.steps, dtype=args.dtype,
                      attention=args.attention, parallelism=args.parallelism)
   except (config_lib.ConfigError, ValueError) as e:
-    print(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
     return 2
   stamp = time.strftime("%Y-%m-%d")
   command = ("python -m benchmarks.mfu " + " ".join(

@@ -48,14 +48,21 @@ def test_device_peaks_come_from_a_table_by_kind():
   assert flops.device_peak_flops(Device("cpu"), "float32") is None
 
 
-def test_mfu_benchmark_runs_sharded_and_writes_its_report(tmp_path):
+def test_mfu_benchmark_runs_sharded_and_writes_its_report(tmp_path, monkeypatch):
   from benchmarks import mfu
 
-  assert mfu.main(["--size", "tiny", "--batch", "8", "--steps", "2", "--dtype", "float32",
-                   "--out", str(tmp_path)]) == 0
-  (report,) = tmp_path.glob("mfu_tiny_*.json")
+  args = ["--size", "tiny", "--batch", "8", "--steps", "2", "--dtype", "float32"]
+  assert mfu.main(args + ["--out", str(tmp_path / "cpu")]) == 0
+  (report,) = (tmp_path / "cpu").glob("mfu_tiny_*.json")
   result = json.loads(report.read_text())
   assert result["devices"] == jax.device_count() and result["tokens_per_second"] > 0
   assert np.isfinite(result["final_loss"])
   assert result["mfu"] is None  # CPUs have no peak in the table
+  # With a known peak: MFU = FLOPs/token x tokens/s / (peak x devices).
+  monkeypatch.setattr(mfu.flops, "device_peak_flops", lambda device, dtype: 1e9)
+  assert mfu.main(args + ["--out", str(tmp_path / "peak")]) == 0
+  (report,) = (tmp_path / "peak").glob("mfu_tiny_*.json")
+  result = json.loads(report.read_text())
+  assert result["mfu"] == pytest.approx(
+      result["flops_per_token"] * result["tokens_per_second"] / (1e9 * jax.device_count()))
   assert mfu.main(["--size", "tiny", "--batch", "3", "--out", str(tmp_path)]) == 2
