@@ -35,7 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {
     "gpt2-small": dict(num_layers=12, num_heads=12, embed_dim=768, block_size=1024,
                        vocab_size=50304),
-    "baby": dict(num_layers=4, num_heads=4, embed_dim=128, block_size=64, vocab_size=65),
     "tiny": dict(num_layers=2, num_heads=2, embed_dim=32, block_size=16, vocab_size=64),
 }
 

@@ -13,7 +13,8 @@ Expected: six GPTs from 12k to 1.8M non-embedding parameters (144x), each traine
           convergence; here (characters, a fixed small budget) their form L = (N_c/N)^alpha gave
           alpha = 0.075 +- 0.007, val loss 2.16 (12k) to 1.54 (1.8M); the fit with L_inf is not
           determined by six points (README's results table).
-Runtime:  about 45 minutes on a 2-core CPU; the largest size alone takes 23.
+Runtime:  the five smaller sizes took 55 minutes beside other runs, the largest 23 alone
+          (2-core CPU).
 Data:     tfds `tiny_shakespeare` (or --config.data.text_file=PATH), as gpt_shakespeare.
 Design:   each size is a gpt_shakespeare run in `<workdir>/L<layers>_D<width>/` (load it with
           experiments.load_run, inspect it with research.interpret).
@@ -92,7 +93,7 @@ def fit_power_law(n, loss) -> dict:
         bounds=([0.0, 0.0, -100.0], [loss.min(), 10.0, 100.0]))
   except (RuntimeError, ValueError) as e:  # too few or too noisy points (e.g. the tiny variant)
     return {"alpha": None, "alpha_stderr": None, "l_inf": None, "error": str(e),
-            **fit_kaplan_form(np.exp(log_n), loss)}
+            **fit_kaplan_form(n, loss)}
   # No error estimate without more points than parameters.
   err = [float(e) if np.isfinite(e) else None for e in np.sqrt(np.diag(cov))]
   return {"alpha": float(alpha), "alpha_stderr": err[1], "l_inf": float(l_inf),
