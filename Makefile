@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 NAME ?= grokking
 ARGS ?=
 
-.PHONY: experiment test bench bench-mfu profile-kernels fault-trials list clean
+.PHONY: experiment test bench bench-noise bench-mfu profile-kernels fault-trials list clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) -m benchmarks.gpt_vs_pytorch $(ARGS)
+
+bench-noise: $(VENV)/.bench
+	$(PY) -m benchmarks.val_loss_noise $(ARGS)
 
 bench-mfu: $(VENV)/.installed
 	$(PY) -m benchmarks.mfu $(ARGS)

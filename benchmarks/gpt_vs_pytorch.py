@@ -75,7 +75,7 @@ def run_torch(config, tokens: dict[str, np.ndarray]) -> dict:
     if step % config.eval_every == 0 or step == config.steps:
       val_curve.append((step, torch_gpt.eval_loss(model, val_batches)))
       seconds_at[step] = clock
-  return {"step_ms": step_ms, "val": val_curve, "seconds_at": seconds_at}
+  return {"step_ms": step_ms, "val": val_curve, "seconds_at": seconds_at, "model": model}
 
 
 def time_to(result: dict, target: float) -> float | None:

@@ -1,9 +1,12 @@
-"""The PyTorch peer of `make bench`: the GPT a user would otherwise take (nanoGPT's design).
+"""The PyTorch peer of `make bench`: the GPT a user would otherwise take, as nanoGPT writes it.
 
-Pre-LayerNorm blocks without biases, `F.scaled_dot_product_attention(is_causal=True)`, tied
-input/output embeddings, GPT-2 initialization (0.02, residual projections scaled by
-1/sqrt(2·layers)), AdamW with weight decay on matrices only, global-norm clipping, and the
-same warmup + cosine schedule as research/train/optim.py. For benchmarking only.
+Pre-LayerNorm blocks without biases (LayerNorm eps 1e-5), `F.scaled_dot_product_attention
+(is_causal=True)`, exact (erf) GELU, tied input/output embeddings, GPT-2 initialization (0.02,
+residual projections scaled by 1/sqrt(2·layers)), AdamW with weight decay on matrices only,
+global-norm clipping, and nanoGPT's `get_lr`: warmup lr·(i+1)/(warmup+1), then cosine.
+This project's JAX model differs only in tanh GELU, LayerNorm eps 1e-6 and a warmup from 0
+(optax's), chosen for speed or by the library; `python -m benchmarks.val_loss_noise` shows
+that the two train to the same loss. For benchmarking only.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Block(nn.Module):
     q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     x = x + self.out(y.transpose(1, 2).reshape(B, T, D))
-    return x + self.down(F.gelu(self.up(self.norm2(x)), approximate="tanh"))
+    return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
 class GPT(nn.Module):
@@ -58,7 +61,7 @@ class GPT(nn.Module):
 
 
 def make_optimizer(model: nn.Module, config) -> tuple[torch.optim.Optimizer, callable]:
-  """AdamW (decay on matrices only) and the learning rate of step i, as in optim.py."""
+  """AdamW (decay on matrices only) and the learning rate of step i, as nanoGPT's get_lr."""
   params = [p for p in model.parameters() if p.requires_grad]
   groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -67,7 +70,7 @@ def make_optimizer(model: nn.Module, config) -> tuple[torch.optim.Optimizer, cal
 
   def lr_at(step: int) -> float:
     if step < config.warmup_steps:
-      return config.learning_rate * step / config.warmup_steps
+      return config.learning_rate * (step + 1) / (config.warmup_steps + 1)
     progress = min(1.0, (step - config.warmup_steps) / max(1, decay - config.warmup_steps))
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
