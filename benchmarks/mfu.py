@@ -5,8 +5,8 @@
 
 Trains on random tokens (nothing to download) with the project's own sharded train step over
 all devices, and reports the median ms per step, tokens/s and MFU = FLOPs per token x tokens/s
-/ (peak FLOP/s x devices), with FLOPs per token from `research.flops` (a test checks the
-formula against XLA's cost analysis) and the peak from its table by device kind. CPUs have no
+/ (peak FLOP/s x devices), with FLOPs per token from the model's `flops_per_token` (the formula
+of `research.flops`; a test checks it against XLA's cost analysis) and the peak from its table by device kind. CPUs have no
 peak in the table: MFU is then left out. `gpt2-small` is 12 layers, width 768, context 1024
 and GPT-2's 50,304-token (padded) vocabulary: the size of issue 4's accelerator target.
 """
@@ -27,7 +27,7 @@ from flax import nnx
 from research import config as config_lib
 from research import flops, sharding
 from research.models.gpt import GPT, GPTConfig
-from research.tasks.language_model import matmul_params, next_token_loss
+from research.tasks.language_model import next_token_loss
 from research.train import optim
 from research.train.step import init_state, make_train_step
 
@@ -45,8 +45,8 @@ def measure(size: str, *, batch: int, steps: int, dtype: str, attention: str,
   shape = SIZES[size]
   config = config_lib.base()
   config.update(batch_size=batch, steps=steps, compute_dtype=dtype, parallelism=parallelism,
-                learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=10, grad_clip=1.0,
-                weight_decay=0.1, b1=0.9, b2=0.95)
+                learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=10, grad_clip=1.0)
+  config.optimizer.update(name="adamw", b1=0.9, b2=0.95, weight_decay=0.1)
   mesh = sharding.make_mesh()
   config_lib.validate(config, mesh.size)
   model = GPT(GPTConfig(**shape, attention=attention, dtype=dtype), rngs=nnx.Rngs(0))
@@ -55,9 +55,7 @@ def measure(size: str, *, batch: int, steps: int, dtype: str, attention: str,
   state_sharding = sharding.state_shardings(host_state, mesh, parallelism)
   state = jax.device_put(host_state, state_sharding)
   del host_state
-  flops_per_token = flops.transformer_flops_per_token(
-      matmul_params=matmul_params(model), num_layers=shape["num_layers"],
-      context=shape["block_size"], embed_dim=shape["embed_dim"])
+  flops_per_token = model.flops_per_token(shape["block_size"])
   del model
   train_step = make_train_step(graphdef, next_token_loss, tx, mesh=mesh,
                                state_sharding=state_sharding, parallelism=parallelism, seed=0)

@@ -80,8 +80,7 @@ def main(argv=None) -> int:
   if args.train_step:
     sharding.split_cpu_into_devices(config.batch_size)  # before JAX first touches a device
   m = config.model
-  model = GPT(GPTConfig(vocab_size=65, block_size=m.block_size, num_layers=m.num_layers,
-                        num_heads=m.num_heads, embed_dim=m.embed_dim), rngs=nnx.Rngs(0))
+  model = GPT(GPTConfig(**m, vocab_size=65), rngs=nnx.Rngs(0))
   tokens_BxT = np.random.default_rng(0).integers(0, 65, (config.batch_size, m.block_size))
   batch = {"inputs": tokens_BxT.astype(np.int32), "targets": tokens_BxT.astype(np.int32)}
 

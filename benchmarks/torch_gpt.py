@@ -63,9 +63,12 @@ class GPT(nn.Module):
 def make_optimizer(model: nn.Module, config) -> tuple[torch.optim.Optimizer, callable]:
   """AdamW (decay on matrices only) and the learning rate of step i, as nanoGPT's get_lr."""
   params = [p for p in model.parameters() if p.requires_grad]
-  groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+  opt = config.optimizer
+  if opt.name != "adamw":
+    raise ValueError(f"the PyTorch peer trains with AdamW only, not {opt.name}")
+  groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": opt.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-  optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.b1, config.b2))
+  optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(opt.b1, opt.b2))
   decay = config.decay_steps or config.steps
 
   def lr_at(step: int) -> float:

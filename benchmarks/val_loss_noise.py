@@ -83,19 +83,20 @@ def torch_loss_fn(model):
 
 
 def score_jax_run(workdir: str, stride: int, threshold: float) -> dict:
-  import experiments
   from research.config import ConfigError
   from research.evaluate.writer import read_metrics
+  from research.load import load_model
   from research.tasks.language_model import load_char_data
 
-  spec, config, task = experiments.load_run(workdir)
+  model, _, config = load_model(workdir)
+  spec = config.experiment
   if not spec.startswith("gpt_shakespeare"):
     raise ConfigError(f"{workdir} is a {spec} run; this reads gpt_shakespeare runs")
   logged = [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["split"] == "val"]
   if not logged:
     raise ConfigError(f"{workdir} has logged no validation loss yet")
   _, tokens = load_char_data(config)
-  per_window = window_losses(jax_loss_fn(task.model), tokens["val"], config.model.block_size,
+  per_window = window_losses(jax_loss_fn(model), tokens["val"], config.model.block_size,
                              stride=stride)
   return {"implementation": "jax", "run": str(workdir), "seed": config.seed,
           "step": logged[-1]["step"], "logged_val_loss": logged[-1]["loss"],

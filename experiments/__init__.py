@@ -3,7 +3,8 @@
 An experiment module has a docstring (first line: what it shows; then its command, expected
 result and runtime), `VARIANTS` (the first is the default), `get_config(variant)` and
 `build(config) -> research.train.task.Task`. It may also define `COMMANDS = {"name": fn(argv)}`
-for things to do with a trained run (e.g. `translate`). Adding a module adds the experiment.
+for things to do with a trained run (e.g. `translate`; `research.load.load_model` rebuilds the
+run's model without its data). Adding a module adds the experiment.
 An experiment made of several runs (a sweep, a comparison) defines `run(config, experiment=spec)
 -> {split: metrics}` instead of `build`: it trains each sub-run, an ordinary run of another
 experiment in a subfolder of its workdir, and writes its report there.
@@ -12,9 +13,7 @@ experiment in a subfolder of its workdir, and writes its report there.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
-from pathlib import Path
 from types import ModuleType
 
 from research.config import ConfigError
@@ -43,32 +42,3 @@ def get_config(spec: str):
     raise ConfigError(f"unknown variant {variant!r} of {name}; valid: {', '.join(module.VARIANTS)}")
   return module.get_config(variant or module.VARIANTS[0])
 
-
-def load_run(workdir: str | Path):
-  """(experiment spec, config, task with the newest checkpoint's parameters) of a run folder."""
-  import ml_collections
-  from flax import nnx
-
-  from research.train import checkpoint, optim
-  from research.train.step import init_state
-
-  workdir = Path(workdir)
-  path = workdir / "config.json"
-  if not path.exists():
-    raise ConfigError(f"{workdir} is not a run folder (no config.json)")
-  saved = json.loads(path.read_text())
-  spec = saved.pop("experiment")
-  config = ml_collections.ConfigDict(saved)
-  module = load(parse_name(spec)[0])
-  if not hasattr(module, "build"):
-    raise ConfigError(f"{workdir} holds a {spec} run, made of the runs in its subfolders; "
-                      f"load one of those")
-  task = module.build(config)
-  graphdef, state = init_state(task.model, optim.make_optimizer(config))
-  ckpts = checkpoint.Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
-  restored = ckpts.restore_latest(state)
-  ckpts.close()
-  if restored is None:
-    raise ConfigError(f"{workdir} has no checkpoint to load")
-  task.model = nnx.merge(graphdef, restored.params, restored.rest)
-  return spec, config, task

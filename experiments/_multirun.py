@@ -1,8 +1,9 @@
 """Helpers for experiments made of several runs of other experiments (`run(config)` modules).
 
 Each sub-run is an ordinary run of a single-run experiment (its own folder, config.json,
-checkpoints, metrics), so it resumes, and `experiments.load_run` and `research.interpret`
-work on it. A sub-run that already reached its steps is read back, not trained again.
+checkpoints, metrics, model.json), so it resumes, and `research.load.load_model` and
+`research.interpret` work on it. A sub-run that already reached its steps is read back, not
+trained again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def derive(config: ml_collections.ConfigDict, spec: str, **fields) -> ml_collect
         dst[key] = src[key]
 
   copy(sub, config)
+  # The optimizer is taken whole: another name has other fields.
+  sub.optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
   copy(sub, fields)
   return sub
 

@@ -35,7 +35,7 @@ from research.data.subword import PAD
 from research.data.text_classification import (LengthBucketedBatches, bag_of_words, load_clinc_oos,
                                                  trim_padding)
 from research.models.encoder import EncoderClassifier, EncoderConfig
-from research.models.mlp import MLP
+from research.models.mlp import MLP, MLPConfig
 from research.tasks.classification import classification_task
 from research.tasks.masked_lm import pretrain_encoder
 
@@ -49,25 +49,34 @@ TRIM = 8
 def get_config(variant: str = "transformer") -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.data = dict(manual_dir="", vocab_size=4000, max_len=40, oos="train", train_examples=0)
-  c.model = dict(kind="transformer", num_layers=4, num_heads=4, embed_dim=128, mlp_ratio=4,
-                 dropout=0.1, attention="xla", hidden_sizes=(512,))
+  # `kind` picks the model; config.model.<kind> holds its config's fields (the vocabulary,
+  # max_len and the number of classes come from the data).
+  c.model = dict(
+      kind="transformer",
+      transformer=config_lib.model_config(
+          EncoderConfig, exclude=("vocab_size", "max_len", "num_classes"), num_layers=4,
+          num_heads=4, embed_dim=128, mlp_ratio=4, dropout=0.1, attention="xla"),
+      mlp=config_lib.model_config(MLPConfig, exclude=("in_features", "out_features"),
+                                  hidden_sizes=(512,), dropout=0.5))
+  # MLM phase before fine-tuning (transformer only; config.optimizer); steps=0: none.
   c.pretrain = dict(steps=0, batch_size=128, learning_rate=1e-3, min_learning_rate=1e-4,
-                    warmup_steps=200, weight_decay=0.01, eval_every=1000, checkpoint_every=1000,
-                    mask_rate=0.15)
+                    warmup_steps=200, eval_every=1000, checkpoint_every=1000, mask_rate=0.15)
   c.eval_batch_size = 128
   c.update(steps=4000, batch_size=64, learning_rate=5e-4, min_learning_rate=1e-5,
-           warmup_steps=200, weight_decay=0.01, b2=0.98, eval_every=1000, checkpoint_every=1000)
+           warmup_steps=200, eval_every=1000, checkpoint_every=1000)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.98, weight_decay=0.01)
   kind, _, suffix = variant.partition("_")
   if kind == "mlp":
-    c.model.update(kind="mlp", dropout=0.5)
-    c.update(steps=3000, learning_rate=1e-3, weight_decay=0.0)
+    c.model.kind = "mlp"
+    c.update(steps=3000, learning_rate=1e-3)
+    c.optimizer.weight_decay = 0.0
   if suffix == "threshold":
     c.data.oos = "threshold"
   elif suffix == "pretrained":
     c.pretrain.steps = 3000
   if variant == "tiny":
     c.data.update(vocab_size=300, max_len=16, train_examples=1000)
-    c.model.update(num_layers=1, num_heads=2, embed_dim=16)
+    c.model.transformer.update(num_layers=1, num_heads=2, embed_dim=16)
     c.eval_batch_size = 256
     c.update(steps=8, batch_size=16, warmup_steps=2, eval_every=4, log_every=2, checkpoint_every=4)
   elif variant not in VARIANTS:
@@ -139,11 +148,10 @@ def build(config):
   num_outputs = oos if d.oos == "threshold" else oos + 1
   rngs = nnx.Rngs(config.seed)
   if m.kind == "transformer":
-    cfg = EncoderConfig(vocab_size=tokenizer.vocab_size + 1, max_len=d.max_len,
-                        num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim,
-                        mlp_ratio=m.mlp_ratio, dropout=m.dropout, attention=m.attention,
-                        dtype=config.compute_dtype)
-    model = EncoderClassifier(cfg, num_outputs, rngs=rngs)
+    # One id past the tokenizer's is [MASK] (used by MLM pretraining only).
+    model = EncoderClassifier(EncoderConfig(
+        **m.transformer, vocab_size=tokenizer.vocab_size + 1, max_len=d.max_len,
+        num_classes=num_outputs, dtype=config.compute_dtype), rngs=rngs)
     pretrain_encoder(config, model.encoder, train["inputs"], evals["val"]["inputs"],
                      mask_id=tokenizer.vocab_size, vocab_size=tokenizer.vocab_size,
                      experiment="clinc_intent", trim_multiple=TRIM)
@@ -152,8 +160,8 @@ def build(config):
     train = LengthBucketedBatches(train, (train["inputs"] != PAD).sum(1), config.batch_size,
                                   config.seed)
   else:
-    model = MLP(tokenizer.vocab_size, m.hidden_sizes, num_outputs, dropout=m.dropout,
-                dtype=config.compute_dtype, rngs=rngs)
+    model = MLP(MLPConfig(**m.mlp, in_features=tokenizer.vocab_size, out_features=num_outputs,
+                          dtype=config.compute_dtype), rngs=rngs)
     transform = lambda batch: {**batch, "inputs": bag_of_words(batch["inputs"], tokenizer.vocab_size)}
   if d.oos == "threshold":
     decide = ThresholdRule(oos)
@@ -161,4 +169,5 @@ def build(config):
     decide = lambda split, logits, labels: (
         logits.argmax(1), oos_metrics(labels, logits.argmax(1), oos))
   return classification_task(config, model, train, evals, data.class_names, transform=transform,
-                             decide=decide, eval_batch_size=config.eval_batch_size)
+                             decide=decide, eval_batch_size=config.eval_batch_size,
+                             tokenizer=tokenizer)

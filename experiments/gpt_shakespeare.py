@@ -19,7 +19,7 @@ from flax import nnx
 
 from research import config as config_lib
 from research.models.gpt import GPT, GPTConfig
-from research.tasks.language_model import char_lm_task, load_char_data
+from research.tasks.language_model import Sampling, char_lm_task, load_char_data
 
 VARIANTS = ("baby", "gpu", "tiny")
 
@@ -27,14 +27,17 @@ VARIANTS = ("baby", "gpu", "tiny")
 def get_config(variant: str = "baby") -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.data = dict(dataset="tiny_shakespeare", manual_dir="", text_file="")
-  c.model = dict(num_layers=4, num_heads=4, embed_dim=128, block_size=64, dropout=0.0,
-                 use_bias=False, position="learned", attention="xla", remat=False)
+  # GPTConfig's fields; vocab_size comes from the data, dtype from config.compute_dtype.
+  c.model = config_lib.model_config(
+      GPTConfig, exclude=("vocab_size",), num_layers=4, num_heads=4, embed_dim=128,
+      block_size=64, dropout=0.0, use_bias=False, position="learned", attention="xla",
+      remat=False)
   c.sample = dict(prompt="\n", num_tokens=500, count=3, temperature=0.8, top_k=200)
   c.eval_batches = 20
   # nanoGPT's config/train_shakespeare_char.py, with its CPU ("baby") overrides.
   c.update(steps=2000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
-           warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0,
-           eval_every=250, log_every=10, checkpoint_every=500)
+           warmup_steps=100, grad_clip=1.0, eval_every=250, log_every=10, checkpoint_every=500)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.99, weight_decay=0.1)
   if variant == "gpu":
     c.model.update(num_layers=6, num_heads=6, embed_dim=384, block_size=256, dropout=0.2)
     c.update(steps=5000, batch_size=64, eval_every=250, checkpoint_every=1000)
@@ -52,10 +55,7 @@ def get_config(variant: str = "baby") -> ml_collections.ConfigDict:
 
 def build(config):
   tokenizer, tokens = load_char_data(config)
-  m = config.model
-  model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=m.block_size,
-                        num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim,
-                        dropout=m.dropout, use_bias=m.use_bias, position=m.position,
-                        attention=m.attention, dtype=config.compute_dtype, remat=m.remat),
-              rngs=nnx.Rngs(config.seed))
-  return char_lm_task(config, model, tokenizer, tokens, context=m.block_size)
+  model = GPT(GPTConfig(**config.model, vocab_size=tokenizer.vocab_size,
+                        dtype=config.compute_dtype), rngs=nnx.Rngs(config.seed))
+  return char_lm_task(config, model, tokenizer, tokens, context=config.model.block_size,
+                      eval_batches=config.eval_batches, sample=Sampling(**config.sample))

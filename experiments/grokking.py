@@ -47,18 +47,20 @@ def get_config(variant: str = "fast") -> ml_collections.ConfigDict:
   # from commutativity alone (with ordered pairs, it rises to about train_fraction early).
   c.data = dict(p=97, train_fraction=0.4, seed=0, commutative_split=True)
   # Nanda et al.: one layer, width 128, 4 heads, MLP 512. (Ours keeps GPT's LayerNorms and
-  # tied embeddings.)
+  # tied embeddings.) GPTConfig's fields; the data set vocab_size and block_size.
+  c.model = config_lib.model_config(GPTConfig, exclude=("vocab_size", "block_size"),
+                                    num_layers=1, num_heads=4, embed_dim=128, mlp_ratio=4,
+                                    attention="xla")
   # init_scale multiplies GPT's initial weight matrices (std 0.02): 4.4 gives Nanda et al.'s
   # std 1/sqrt(width). A larger initial norm means a longer memorizing phase (Liu et al. 2023).
-  c.model = dict(num_layers=1, num_heads=4, embed_dim=128, mlp_ratio=4, init_scale=4.4,
-                 attention="xla")
+  c.init_scale = 4.4
   c.fourier_top_k = 5
   # AdamW(weight decay 1.0, betas (0.9, 0.98)), 10 warmup steps, then constant; no clipping;
   # full batch. Weight decay shrinks the weights at a rate set by lr * wd, so `fast`'s lr of
   # 3e-3 groks in under a third of the steps lr 1e-3 needs (val 1.9% at step 3000 with 1e-3).
   c.update(steps=1500, learning_rate=3e-3, min_learning_rate=3e-3, warmup_steps=10,
-           weight_decay=1.0, b1=0.9, b2=0.98, grad_clip=0.0, eval_every=50, log_every=10,
-           checkpoint_every=500)
+           grad_clip=0.0, eval_every=50, log_every=10, checkpoint_every=500)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.98, weight_decay=1.0)
   if variant == "paper":
     c.data.update(p=113, train_fraction=0.3, commutative_split=False)
     c.update(steps=20_000, learning_rate=1e-3, min_learning_rate=1e-3, eval_every=100,
@@ -92,7 +94,7 @@ def modular_addition(p: int, train_fraction: float, seed: int,
 
 
 def build(config):
-  d, m = config.data, config.model
+  d = config.data
   if d.p < 2 or not 0 < d.train_fraction < 1:
     raise config_lib.ConfigError(f"need p >= 2 and 0 < train_fraction < 1, got p={d.p}, "
                                  f"train_fraction={d.train_fraction}")
@@ -113,12 +115,10 @@ def build(config):
     del step
     return {k: v[shard_slice(config.batch_size, shard)] for k, v in batch.items()}
 
-  model = GPT(GPTConfig(vocab_size=d.p + 1, block_size=3, num_layers=m.num_layers,
-                        num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_ratio=m.mlp_ratio,
-                        attention=m.attention, dtype=config.compute_dtype),
-              rngs=nnx.Rngs(config.seed))
+  model = GPT(GPTConfig(**config.model, vocab_size=d.p + 1, block_size=3,
+                        dtype=config.compute_dtype), rngs=nnx.Rngs(config.seed))
   params = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(lambda x: x * m.init_scale if x.ndim >= 2 else x, params))
+  nnx.update(model, jax.tree.map(lambda x: x * config.init_scale if x.ndim >= 2 else x, params))
 
   def per_example(model, batch):
     # The answer is read at the "=" position, over the p residues only.

@@ -42,12 +42,14 @@ SCORES = ("induction", "prefix_matching", "previous_token")
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.data = dict(vocab_size=64, context=64, min_segment=8)
-  c.model = dict(num_layers=2, num_heads=4, embed_dim=64, mlp_ratio=0, position="rope",
-                 attention="xla")
+  # GPTConfig's fields; the data set vocab_size and block_size (= data.context).
+  c.model = config_lib.model_config(GPTConfig, exclude=("vocab_size", "block_size"),
+                                    num_layers=2, num_heads=4, embed_dim=64, mlp_ratio=0,
+                                    position="rope", attention="xla")
   c.eval_batches = 4
   c.update(steps=2000, batch_size=32, learning_rate=1e-3, min_learning_rate=1e-4,
-           warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0, eval_every=25,
-           log_every=10, checkpoint_every=500)
+           warmup_steps=100, grad_clip=1.0, eval_every=25, log_every=10, checkpoint_every=500)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.99, weight_decay=0.1)
   if variant == "tiny":
     c.data.update(vocab_size=16, context=16, min_segment=4)
     c.model.update(num_heads=2, embed_dim=16)
@@ -84,14 +86,12 @@ def _with_probes(tokens_BxT1: np.ndarray, n_B: np.ndarray) -> dict[str, np.ndarr
 
 
 def build(config):
-  d, m = config.data, config.model
+  d = config.data
   if not 2 <= d.min_segment <= d.context // 2:
     raise config_lib.ConfigError(f"need 2 <= data.min_segment <= data.context / 2, got "
                                  f"{d.min_segment} and {d.context}")
-  model = GPT(GPTConfig(vocab_size=d.vocab_size, block_size=d.context, num_layers=m.num_layers,
-                        num_heads=m.num_heads, embed_dim=m.embed_dim, mlp_ratio=m.mlp_ratio,
-                        position=m.position, attention=m.attention, dtype=config.compute_dtype),
-              rngs=nnx.Rngs(config.seed))
+  model = GPT(GPTConfig(**config.model, vocab_size=d.vocab_size, block_size=d.context,
+                        dtype=config.compute_dtype), rngs=nnx.Rngs(config.seed))
 
   def train_data(step, shard):
     rng = np.random.default_rng([config.seed, step])

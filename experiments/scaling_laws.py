@@ -17,7 +17,7 @@ Runtime:  the five smaller sizes took 55 minutes beside other runs, the largest 
           (2-core CPU).
 Data:     tfds `tiny_shakespeare` (or --config.data.text_file=PATH), as gpt_shakespeare.
 Design:   each size is a gpt_shakespeare run in `<workdir>/L<layers>_D<width>/` (load it with
-          experiments.load_run, inspect it with research.interpret).
+          research.load.load_model, inspect it with research.interpret).
 """
 
 import json
@@ -39,7 +39,11 @@ VARIANTS = ("default", "tiny")
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.data = dict(dataset="tiny_shakespeare", manual_dir="", text_file="")
-  c.model = dict(block_size=128, dropout=0.0, position="learned", attention="xla")
+  # The GPTConfig fields every size shares: gpt_shakespeare's config.model, less what
+  # `sizes` sets per size (num_layers, embed_dim, num_heads) and vocab_size (from the data).
+  c.model = config_lib.model_config(
+      GPTConfig, exclude=("vocab_size", "num_layers", "num_heads", "embed_dim"), block_size=128,
+      dropout=0.0, position="learned", attention="xla")
   # (layers, width) per size; heads = width / head_dim.
   c.sizes = ((1, 32), (3, 32), (2, 64), (3, 80), (4, 112), (4, 192))
   c.head_dim = 16
@@ -48,8 +52,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.kaplan_learning_rate = True
   c.eval_batches = 20
   c.update(steps=2000, batch_size=32, learning_rate=1e-3, min_learning_rate=1e-4,
-           warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0, eval_every=250,
-           log_every=50, checkpoint_every=500)
+           warmup_steps=100, grad_clip=1.0, eval_every=250, log_every=50, checkpoint_every=500)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.99, weight_decay=0.1)
   if variant == "tiny":
     c.model.block_size = 16
     c.sizes = ((1, 16), (1, 32), (2, 32))

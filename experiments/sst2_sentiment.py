@@ -26,7 +26,7 @@ from research import config as config_lib
 from research.data.subword import SubwordTokenizer
 from research.data.subword import PAD
 from research.data.text_classification import LengthBucketedBatches, load_sst2, trim_padding
-from research.models.bilstm import BiLSTMClassifier
+from research.models.bilstm import BiLSTMClassifier, BiLSTMConfig
 from research.models.encoder import EncoderClassifier, EncoderConfig
 from research.tasks.classification import classification_task
 from research.tasks.masked_lm import pretrain_encoder
@@ -39,23 +39,31 @@ TRIM = 16  # batches are cut to a multiple of 16 tokens past their longest sente
 def get_config(variant: str = "transformer") -> ml_collections.ConfigDict:
   c = config_lib.base()
   c.data = dict(manual_dir="", vocab_size=8000, max_len=64, val_fraction=0.01, train_examples=0)
-  c.model = dict(kind="transformer", num_layers=4, num_heads=4, embed_dim=128, mlp_ratio=4,
-                 dropout=0.1, attention="xla", hidden_dim=256)
-  # MLM phase before fine-tuning (transformer only); steps=0: none.
+  # `kind` picks the model; config.model.<kind> holds its config's fields (vocab_size,
+  # max_len and num_classes come from the data).
+  c.model = dict(
+      kind="transformer",
+      transformer=config_lib.model_config(
+          EncoderConfig, exclude=("vocab_size", "max_len", "num_classes"), num_layers=4,
+          num_heads=4, embed_dim=128, mlp_ratio=4, dropout=0.1, attention="xla"),
+      bilstm=config_lib.model_config(BiLSTMConfig, exclude=("vocab_size", "num_classes"),
+                                     embed_dim=256, hidden_dim=256, dropout=0.5))
+  # MLM phase before fine-tuning (transformer only; config.optimizer); steps=0: none.
   c.pretrain = dict(steps=0, batch_size=64, learning_rate=1e-3, min_learning_rate=1e-4,
-                    warmup_steps=200, weight_decay=0.01, eval_every=1000, checkpoint_every=1000,
-                    mask_rate=0.15)
+                    warmup_steps=200, eval_every=1000, checkpoint_every=1000, mask_rate=0.15)
   c.eval_batch_size = 128
   c.update(steps=2000, batch_size=64, learning_rate=5e-4, min_learning_rate=1e-5,
-           warmup_steps=200, weight_decay=0.01, b2=0.98, eval_every=500, checkpoint_every=1000)
+           warmup_steps=200, eval_every=500, checkpoint_every=1000)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.98, weight_decay=0.01)
   if variant == "transformer_pretrained":
     c.pretrain.steps = 3000
   elif variant == "bilstm":
-    c.model.update(kind="bilstm", embed_dim=256, hidden_dim=256, dropout=0.5)
+    c.model.kind = "bilstm"
     c.update(learning_rate=2e-3, min_learning_rate=1e-4)
   elif variant == "tiny":
     c.data.update(vocab_size=300, max_len=16, train_examples=2000, val_fraction=0.05)
-    c.model.update(num_layers=1, num_heads=2, embed_dim=16)
+    c.model.transformer.update(num_layers=1, num_heads=2, embed_dim=16)
+    c.model.bilstm.update(embed_dim=16, hidden_dim=16)
     c.pretrain.update(steps=4, batch_size=16, warmup_steps=1, eval_every=2, checkpoint_every=4)
     c.eval_batch_size = 64
     c.update(steps=8, batch_size=16, warmup_steps=2, eval_every=4, log_every=2, checkpoint_every=4)
@@ -88,25 +96,24 @@ def build(config):
   evals = {"val": {"inputs": tokens[val_rows], "labels": labels[val_rows]},
            "test": {"inputs": tokenizer.encode_batch(dev_texts, d.max_len), "labels": dev_labels}}
 
-  rngs = nnx.Rngs(config.seed)
+  rngs, num_classes = nnx.Rngs(config.seed), len(data.class_names)
   if m.kind == "transformer":
     # One id past the tokenizer's is [MASK] (used by MLM pretraining only).
-    cfg = EncoderConfig(vocab_size=tokenizer.vocab_size + 1, max_len=d.max_len,
-                        num_layers=m.num_layers, num_heads=m.num_heads, embed_dim=m.embed_dim,
-                        mlp_ratio=m.mlp_ratio, dropout=m.dropout, attention=m.attention,
-                        dtype=config.compute_dtype)
-    model = EncoderClassifier(cfg, len(data.class_names), rngs=rngs)
+    model = EncoderClassifier(EncoderConfig(
+        **m.transformer, vocab_size=tokenizer.vocab_size + 1, max_len=d.max_len,
+        num_classes=num_classes, dtype=config.compute_dtype), rngs=rngs)
     unlabelled = tokenizer.encode_batch(data.split("test")[0], d.max_len)
     pretrain_encoder(config, model.encoder, np.concatenate([train["inputs"], unlabelled]),
                      evals["val"]["inputs"], mask_id=tokenizer.vocab_size,
                      vocab_size=tokenizer.vocab_size, experiment="sst2_sentiment", trim_multiple=TRIM)
   else:
-    model = BiLSTMClassifier(tokenizer.vocab_size, len(data.class_names), embed_dim=m.embed_dim,
-                             hidden_dim=m.hidden_dim, dropout=m.dropout, dtype=config.compute_dtype,
-                             rngs=rngs)
+    model = BiLSTMClassifier(BiLSTMConfig(
+        **m.bilstm, vocab_size=tokenizer.vocab_size, num_classes=num_classes,
+        dtype=config.compute_dtype), rngs=rngs)
   # Batches of similar lengths, trimmed: most carry 16 tokens, not 64.
   batches = LengthBucketedBatches(train, (train["inputs"] != PAD).sum(1), config.batch_size,
                                   config.seed)
   return classification_task(
       config, model, batches, evals, data.class_names, eval_batch_size=config.eval_batch_size,
+      tokenizer=tokenizer,
       transform=lambda batch: {**batch, "inputs": trim_padding(batch["inputs"], TRIM)})

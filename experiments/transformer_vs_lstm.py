@@ -32,6 +32,7 @@ from flax import nnx
 
 from experiments import _multirun
 from research import config as config_lib
+from research.load import load_model
 
 VARIANTS = ("default", "tiny")
 MODELS = {"gpt": "gpt_shakespeare:baby", "lstm": "lstm_shakespeare:baby"}
@@ -42,19 +43,22 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
   c = config_lib.base()
   c.data = dict(dataset="tiny_shakespeare", manual_dir="", text_file="")
-  # The model sections of the two baby experiments: 0.80M parameters each.
-  c.gpt = experiments.get_config("gpt_shakespeare:baby").model
-  c.lstm = experiments.get_config("lstm_shakespeare:baby").model
+  # config.model.<name>: the model sections of the two baby experiments, 0.80M parameters
+  # each (the GPT's block_size is `context`).
+  gpt = experiments.get_config("gpt_shakespeare:baby").model.to_dict()
+  del gpt["block_size"]
+  c.model = dict(gpt=gpt, lstm=experiments.get_config("lstm_shakespeare:baby").model)
   c.context = 64
   c.budget_seconds = 180.0
   c.calibration_steps = 40
   c.sample = dict(prompt="\n", num_tokens=500, count=3, temperature=0.8, top_k=200)
   c.eval_batches = 20
   c.update(steps=1_000_000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
-           warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.99, grad_clip=1.0, log_every=10)
+           warmup_steps=100, grad_clip=1.0, log_every=10)
+  c.optimizer.update(name="adamw", b1=0.9, b2=0.99, weight_decay=0.1)
   if variant == "tiny":
-    c.gpt.update(num_layers=1, num_heads=2, embed_dim=32)
-    c.lstm.update(num_layers=1, embed_dim=16, hidden_dim=32)
+    c.model.gpt.update(num_layers=1, num_heads=2, embed_dim=32)
+    c.model.lstm.update(num_layers=1, embed_dim=16, hidden_dim=32)
     c.context = 16
     c.budget_seconds = 2.0
     c.calibration_steps = 12
@@ -68,7 +72,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
 
 def _sub_config(config, name: str, workdir: Path, steps: int):
   evals = 20  # points on each curve
-  model = config[name].to_dict()
+  model = config.model[name].to_dict()
   if name == "gpt":
     model["block_size"] = config.context
   return _multirun.derive(
@@ -76,22 +80,18 @@ def _sub_config(config, name: str, workdir: Path, steps: int):
       eval_every=max(1, steps // evals), checkpoint_every=max(1, steps // 4))
 
 
-def _calibrate(config, name: str, workdir: Path) -> float:
-  """Median seconds per train step of model `name`, from a short run (deleted afterwards)."""
+def _calibrate(config, name: str, workdir: Path) -> tuple[float, int]:
+  """Median seconds per train step of model `name` and its parameter count, from a short run
+  (deleted afterwards)."""
   sub = _sub_config(config, name, workdir, config.calibration_steps)
   sub.update(log_every=max(1, config.calibration_steps // 4), eval_every=config.calibration_steps,
              eval_batches=1, checkpoint_every=config.calibration_steps)
   rows = _multirun.train_or_read(MODELS[name], sub, finish=False)
+  model, _, _ = load_model(workdir)
   shutil.rmtree(workdir)
-  return float(np.median([r["step_time_ms"] for r in rows
-                          if r["split"] == "train" and "step_time_ms" in r])) / 1000
-
-
-def _param_count(config, name: str) -> int:
-  import experiments
-  sub = _sub_config(config, name, Path(config.workdir) / name, 1)
-  model = experiments.load(MODELS[name].split(":")[0]).build(sub).model
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  seconds = float(np.median([r["step_time_ms"] for r in rows
+                             if r["split"] == "train" and "step_time_ms" in r])) / 1000
+  return seconds, sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def training_time(rows: list[dict]) -> dict[int, float]:
@@ -113,10 +113,9 @@ def run(config, *, experiment: str) -> dict[str, dict]:
   results, curves = {}, {}
   for name in MODELS:
     if name not in plan:
-      seconds = _calibrate(config, name, workdir / f"calibrate_{name}")
+      seconds, params = _calibrate(config, name, workdir / f"calibrate_{name}")
       steps = min(config.steps, max(1, int(config.budget_seconds / seconds)))
-      plan[name] = {"step_time_ms": 1000 * seconds, "steps": steps,
-                    "params": _param_count(config, name)}
+      plan[name] = {"step_time_ms": 1000 * seconds, "steps": steps, "params": params}
       plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     print(f"transformer_vs_lstm: {name}: {plan[name]['params']:,} parameters, "
           f"{plan[name]['steps']} steps of {plan[name]['step_time_ms']:.1f} ms")

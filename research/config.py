@@ -1,24 +1,32 @@
 """Config-as-code: every experiment is an `ml_collections.ConfigDict` built in Python.
 
-`base()` holds the fields every experiment accepts; experiments add their own sections
-(`model`, `data`, ...). Command-line overrides `--config.a.b=value` are parsed against the
-type of the existing field, and `validate()` rejects bad values before any compute.
+`base()` holds the fields every experiment accepts, `optimizer` among them (see
+`research.train.optim`); experiments add their own sections (`model`, `data`, ...).
+`config.model` holds the fields of the model's config dataclass (`model_config`); an experiment
+offering several models has `config.model.kind` and one such section per kind
+(`config.model.<kind>`). Command-line overrides `--config.a.b=value` are parsed against the
+type of the existing field (unknown keys are refused, with the valid ones listed), and
+`validate()` rejects bad values before any compute.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import os
+from typing import Sequence
 
 import ml_collections
+
+from research.nn import attention as nn_attention
+from research.train import optim
 
 
 class ConfigError(ValueError):
   """A mistake in the user's config or command line: reported in one line, no traceback."""
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 PARALLELISM = ("dp", "fsdp")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -32,9 +40,8 @@ def base() -> ml_collections.ConfigDict:
   c.min_learning_rate = 1e-4  # end of the cosine decay
   c.warmup_steps = 100
   c.decay_steps = 0  # length of the cosine decay; 0 = steps
-  c.weight_decay = 0.1
-  c.b1 = 0.9
-  c.b2 = 0.99
+  # `name` and that optimizer's own fields; setting another name resets them to its defaults.
+  c.optimizer = optim.optimizer_fields("adamw")
   c.grad_clip = 1.0
   c.eval_every = 250
   c.log_every = 10
@@ -54,6 +61,42 @@ def base() -> ml_collections.ConfigDict:
   c.num_processes = 1
   c.process_id = 0
   return c
+
+
+def model_config(cls, *, exclude: Sequence[str] = (), **values) -> ml_collections.ConfigDict:
+  """A `config.model` section for the model config dataclass `cls`: each field at its default,
+  or at `values`. Left out are `dtype` (`config.compute_dtype` sets it) and the fields in
+  `exclude`, which `build` derives from the data: `cls(**section, vocab_size=...,
+  dtype=config.compute_dtype)` then makes the model's config."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = (set(values) | set(exclude)) - set(fields)
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+  section = {}
+  for name, field in fields.items():
+    if name == "dtype" or name in exclude:
+      continue
+    if name in values:
+      value = values[name]
+    elif field.default is not dataclasses.MISSING:
+      value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      value = field.default_factory()
+    else:
+      raise ValueError(f"{cls.__name__}.{name} has no default: give it a value or exclude it")
+    if field.type in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)  # so that --config overrides parse as floats
+    section[name] = value
+  return ml_collections.ConfigDict(section)
+
+
+def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The fields of the model a run trains: `config.model`, or `config.model[config.model.kind]`
+  in an experiment that offers several models."""
+  model = config.get("model", ml_collections.ConfigDict())
+  if "kind" in model and isinstance(model.get(model.kind), ml_collections.ConfigDict):
+    return model[model.kind]
+  return model
 
 
 def _parse(raw: str, current, key: str):
@@ -97,20 +140,43 @@ def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]
   return keys
 
 
+def _set_optimizer(config: ml_collections.ConfigDict, name: str) -> None:
+  """Another optimizer name replaces config.optimizer by that optimizer's defaults."""
+  if name not in optim.OPTIMIZERS:
+    raise ConfigError(f"unknown config.optimizer.name {name!r}; valid names: "
+                      f"{', '.join(optim.OPTIMIZERS)}")
+  if config.get("optimizer", {}).get("name") != name:
+    config.optimizer = ml_collections.ConfigDict(optim.optimizer_fields(name))
+
+
 def apply_overrides(config: ml_collections.ConfigDict, args: list[str]) -> ml_collections.ConfigDict:
-  """Applies `--config.a.b=value` arguments to a copy of `config`."""
+  """Applies `--config.a.b=value` arguments to a copy of `config`. `--config.optimizer.name`
+  goes first: a new name resets the optimizer's fields to its defaults, and the other
+  `--config.optimizer.*` arguments then set that optimizer's fields."""
   config = ml_collections.ConfigDict(config.to_dict())
   for arg in args:
     if not arg.startswith("--config.") or "=" not in arg:
       raise ConfigError(f"unexpected argument {arg!r}: overrides look like --config.key=value")
+  names = [arg.split("=", 1)[1] for arg in args if arg.startswith("--config.optimizer.name=")]
+  for name in names:
+    _set_optimizer(config, name)
+  for arg in args:
     key, raw = arg[len("--config."):].split("=", 1)
+    if key == "optimizer.name":
+      continue
     *parents, leaf = key.split(".")
-    node = config
+    node, path = config, []
     for part in parents:
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(
-        node[leaf], ml_collections.ConfigDict):
-      raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(_leaf_keys(config))}")
+      child = node.get(part)
+      if not isinstance(child, ml_collections.ConfigDict):
+        break
+      node, path = child, path + [part]
+    if len(path) < len(parents) or leaf not in node or isinstance(node[leaf],
+                                                                  ml_collections.ConfigDict):
+      # The valid keys of the deepest section the key reaches (all of them at the top).
+      prefix = "".join(f"{part}." for part in path)
+      valid = ", ".join(prefix + k for k in _leaf_keys(node))
+      raise ConfigError(f"unknown config key {key!r}; valid keys: {valid}")
     value = _parse(raw, node[leaf], key)
     try:
       node[leaf] = value
@@ -131,10 +197,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     require(config[key] > 0, f"config.{key} must be a positive integer, got {config[key]}")
   for key in ("warmup_steps", "decay_steps"):
     require(config[key] >= 0, f"config.{key} must be >= 0, got {config[key]}")
-  for key in ("learning_rate", "min_learning_rate", "weight_decay", "grad_clip", "b1", "b2"):
+  for key in ("learning_rate", "min_learning_rate", "grad_clip"):
     value = config[key]
     require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
             f"config.{key} must be a finite non-negative number, got {value!r}")
+  _validate_optimizer(config.get("optimizer"))
   require(config.learning_rate > 0, f"config.learning_rate must be > 0, got {config.learning_rate}")
   require(config.parallelism in PARALLELISM,
           f"unknown config.parallelism {config.parallelism!r}; choose one of {', '.join(PARALLELISM)}")
@@ -149,11 +216,37 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   require(micro_batch % num_devices == 0,
           f"config.batch_size={config.batch_size} (micro-batch {micro_batch}) is not divisible by "
           f"the {num_devices} devices; use a multiple of {num_devices}")
-  attention = config.get("model", {}).get("attention")
+  model = config.get("model")
+  if isinstance(model, ml_collections.ConfigDict) and "kind" in model:
+    kinds = [k for k, v in model.items() if isinstance(v, ml_collections.ConfigDict)]
+    require(model.kind in kinds,
+            f"unknown config.model.kind {model.kind!r}; valid names: {', '.join(kinds)}")
+  attention = model_section(config).get("attention")
   if attention is not None:
-    require(attention in ATTENTION_IMPLEMENTATIONS,
-            f"unknown config.model.attention {attention!r}; choose one of "
-            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    try:
+      nn_attention.check_supported(attention)  # names from kernels.flash_attention
+    except ValueError as e:
+      raise ConfigError(f"config.model.attention: {e}") from None
   workdir = config.workdir
   if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"config.workdir {workdir!r} exists and is not a directory")
+
+
+def _validate_optimizer(section) -> None:
+  if not isinstance(section, ml_collections.ConfigDict):
+    raise ConfigError("the config has no optimizer section (a run written before config.optimizer "
+                      "existed?); config.optimizer.name is one of " + ", ".join(optim.OPTIMIZERS))
+  name = section.get("name")
+  if name not in optim.OPTIMIZERS:
+    raise ConfigError(f"unknown config.optimizer.name {name!r}; valid names: "
+                      f"{', '.join(optim.OPTIMIZERS)}")
+  expected = optim.optimizer_fields(name)
+  if set(section) != set(expected):
+    wrong = ", ".join(sorted(set(section) ^ set(expected)))
+    raise ConfigError(f"config.optimizer does not match optimizer {name!r} ({wrong}); its fields: "
+                      f"{', '.join(expected)}")
+  for key, default in expected.items():
+    value = section[key]
+    if isinstance(default, float) and not (isinstance(value, (int, float)) and
+                                           math.isfinite(value) and value >= 0):
+      raise ConfigError(f"config.optimizer.{key} must be a finite non-negative number, got {value!r}")

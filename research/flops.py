@@ -1,6 +1,13 @@
-"""Model FLOPs per token and device peak FLOP/s, for model FLOPs utilization (MFU)."""
+"""Model FLOPs per token and device peak FLOP/s, for model FLOPs utilization (MFU).
+
+A model that reports MFU defines `flops_per_token(context)` from the formulas here
+(`research.models.gpt.GPT`, `research.models.lstm.LSTMLM`).
+"""
 
 from __future__ import annotations
+
+import jax
+from flax import nnx
 
 # Dense peak FLOP/s per chip by (device-kind substring, compute dtype). float32 matmuls
 # run on TF32 tensor cores on NVIDIA GPUs under JAX's default precision, so their peak is
@@ -35,3 +42,17 @@ def transformer_flops_per_token(*, matmul_params: int, num_layers: int, context:
   """
   attention = 12 * num_layers * context * embed_dim
   return 6 * matmul_params + (attention / 2 if causal else attention)
+
+
+def matmul_params(model: nnx.Module) -> int:
+  """Parameters that multiply activations: matrices, minus lookup-only position tables."""
+  params = nnx.state(model, nnx.Param)
+  total = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
+  pos = getattr(model, "pos_embed", None)
+  return total - (pos.embedding.value.size if pos is not None else 0)
+
+
+def recurrent_flops_per_token(model: nnx.Module) -> float:
+  """Training FLOPs per token of a model whose every matrix is used once per token (an RNN):
+  6 per matmul parameter."""
+  return 6 * matmul_params(model)

@@ -26,8 +26,8 @@ def test_tokenizer_round_trip(tmp_path, shakespeare):
   tokenizer = CharTokenizer.fit(shakespeare["train"])
   text = shakespeare["train"][:500]
   assert tokenizer.decode(tokenizer.encode(text)) == text
-  tokenizer.save(tmp_path / "vocab.json")
-  assert CharTokenizer.load(tmp_path / "vocab.json").chars == tokenizer.chars
+  tokenizer.save(tmp_path / "tokenizer")
+  assert CharTokenizer.load(tmp_path / "tokenizer").chars == tokenizer.chars
   with pytest.raises(ValueError, match="not in the vocabulary"):
     tokenizer.encode("€")
 

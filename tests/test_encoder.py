@@ -1,5 +1,7 @@
 """Encoder, BiLSTM and MLP classifiers; MLM masking and pretraining; the subword tokenizer."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,9 +11,9 @@ from flax import nnx
 
 from research import config as config_lib
 from research.data.subword import EOS, PAD, SubwordTokenizer
-from research.models.bilstm import BiLSTMClassifier, reverse_within_length
+from research.models.bilstm import BiLSTMClassifier, BiLSTMConfig, reverse_within_length
 from research.models.encoder import Encoder, EncoderClassifier, EncoderConfig, MaskedLM
-from research.models.mlp import MLP
+from research.models.mlp import MLP, MLPConfig
 from research.tasks.masked_lm import FIRST_REAL_ID, mask_tokens, pretrain_encoder
 
 V = 50
@@ -27,11 +29,12 @@ def _tokens(seed=0, B=4, T=12):
 
 def _encoder_classifier():
   cfg = EncoderConfig(vocab_size=V, max_len=24, num_layers=2, num_heads=2, embed_dim=16)
-  return EncoderClassifier(cfg, 3, rngs=nnx.Rngs(0))
+  return EncoderClassifier(dataclasses.replace(cfg, num_classes=3), rngs=nnx.Rngs(0))
 
 
 def _bilstm():
-  return BiLSTMClassifier(V, 3, embed_dim=8, hidden_dim=8, rngs=nnx.Rngs(0))
+  return BiLSTMClassifier(BiLSTMConfig(vocab_size=V, num_classes=3, embed_dim=8, hidden_dim=8),
+                          rngs=nnx.Rngs(0))
 
 
 forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -72,7 +75,8 @@ def test_reverse_within_length():
 
 def test_dropout_only_in_training():
   model = EncoderClassifier(EncoderConfig(vocab_size=V, max_len=24, num_layers=1, num_heads=2,
-                                          embed_dim=16, dropout=0.5), 3, rngs=nnx.Rngs(0))
+                                          embed_dim=16, dropout=0.5, num_classes=3),
+                            rngs=nnx.Rngs(0))
   tokens = _tokens()
   train = nnx.jit(lambda model, tokens, rngs: model(tokens, rngs=rngs))
   np.testing.assert_array_equal(forward(model, tokens), forward(model, tokens))
@@ -80,11 +84,13 @@ def test_dropout_only_in_training():
 
 
 def test_mlp_shapes_and_flattening():
-  mlp = MLP(12, [8, 8], 5, dropout=0.1, rngs=nnx.Rngs(0))
+  mlp = MLP(MLPConfig(in_features=12, hidden_sizes=[8, 8], out_features=5, dropout=0.1),
+            rngs=nnx.Rngs(0))
   x = jnp.ones((3, 2, 6))
   assert mlp(x).shape == (3, 5)
   np.testing.assert_allclose(mlp(x), mlp(x.reshape(3, 12)))
-  assert MLP(4, [], 2, rngs=nnx.Rngs(0))(jnp.ones((1, 4))).shape == (1, 2)
+  linear = MLP(MLPConfig(in_features=4, hidden_sizes=(), out_features=2), rngs=nnx.Rngs(0))
+  assert linear(jnp.ones((1, 4))).shape == (1, 2)
 
 
 def test_mask_tokens_follows_the_bert_recipe():
@@ -129,8 +135,9 @@ def test_pretrain_encoder_loads_the_mlm_weights(tmp_path):
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=2, batch_size=16, learning_rate=1e-2, warmup_steps=0, eval_every=2, checkpoint_every=2,
       mask_rate=0.15))
-  cfg = EncoderConfig(vocab_size=V + 1, max_len=16, num_layers=1, num_heads=2, embed_dim=16)
-  classifier = EncoderClassifier(cfg, 3, rngs=nnx.Rngs(0))
+  cfg = EncoderConfig(vocab_size=V + 1, max_len=16, num_layers=1, num_heads=2, embed_dim=16,
+                      num_classes=3)
+  classifier = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
   before = jax.tree.map(np.array, nnx.state(classifier.encoder, nnx.Param).to_pure_dict())
   tokens = np.asarray(_tokens(seed=2, B=64, T=16))
   pretrain_encoder(c, classifier.encoder, tokens, tokens[:16], mask_id=V, vocab_size=V,

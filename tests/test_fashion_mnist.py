@@ -67,7 +67,7 @@ def test_tiny_variant_trains_and_writes_its_report(tmp_path, model):
   spec = "fashion_mnist_vision:tiny"
   config = config_lib.apply_overrides(experiments.get_config(spec), [
       f"--config.workdir={tmp_path}", "--config.progress_bar=false",
-      f"--config.model.name={model}"])
+      f"--config.model.kind={model}"])
   task = experiments.load("fashion_mnist_vision").build(config)
   # A batch is a pure function of the step: the same augmented images on every call.
   np.testing.assert_array_equal(task.train_data(3, (0, 1))["inputs"],

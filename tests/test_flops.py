@@ -10,8 +10,10 @@ from flax import nnx
 from research import config as config_lib
 from research import flops, sharding
 from research.data.text import LMBatches
+from research.flops import matmul_params
 from research.models.gpt import GPT, GPTConfig
-from research.tasks.language_model import matmul_params, next_token_loss
+from research.models.lstm import LSTMConfig, LSTMLM
+from research.tasks.language_model import next_token_loss
 from research.train import optim
 from research.train.step import init_state, make_train_step
 
@@ -31,11 +33,32 @@ def test_formula_matches_xla_cost_analysis_of_the_train_step():
   xla_flops = step.lower(jax.device_put(state, shardings), batch).compile().cost_analysis()["flops"]
   # XLA computes every score of the causal attention; the formula's causal count is the
   # useful half, so compare with the full count.
-  per_token = flops.transformer_flops_per_token(matmul_params=matmul_params(model), num_layers=L,
-                                                context=T, embed_dim=D, causal=False)
+  per_token = model.flops_per_token(T, causal=False)
   assert per_token * B * T == pytest.approx(xla_flops, rel=0.1)
   # ... and the attention term matters: 6N alone misses it.
   assert 6 * matmul_params(model) * B * T < 0.75 * xla_flops
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_gpt_flops_per_token_is_the_transformer_formula(position):
+  """The model's method gives the numbers the training loop and benchmarks logged before it
+  existed: 6 per matrix parameter (position table left out) plus causal attention."""
+  L, D, T = 3, 48, 40
+  model = GPT(GPTConfig(vocab_size=70, block_size=T, num_layers=L, num_heads=4, embed_dim=D,
+                        position=position), rngs=nnx.Rngs(0))
+  matrices = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2)
+  n = matrices - (T * D if position == "learned" else 0)
+  assert model.flops_per_token(T) == 6 * n + 12 * L * T * D / 2
+  assert model.flops_per_token() == model.flops_per_token(T)  # default: block_size
+  assert model.flops_per_token(16) == 6 * n + 12 * L * 16 * D / 2
+  assert model.flops_per_token(T, causal=False) == 6 * n + 12 * L * T * D
+
+
+def test_lstm_flops_per_token_is_six_per_matrix_parameter():
+  model = LSTMLM(LSTMConfig(vocab_size=70, embed_dim=16, hidden_dim=24, num_layers=2),
+                 rngs=nnx.Rngs(0))
+  matrices = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim >= 2)
+  assert model.flops_per_token(64) == model.flops_per_token(8) == 6 * matrices
 
 
 def test_device_peaks_come_from_a_table_by_kind():

@@ -130,8 +130,7 @@ def test_tiny_lstm_with_separate_vocabularies_trains(tmp_path):
   config = experiments.get_config("multi30k_translation:tiny")
   config.update(workdir=str(tmp_path), progress_bar=False, steps=10)
   config.data.shared_vocab = False
-  config.model = dict(kind="lstm", embed_dim=16, hidden_dim=32, num_encoder_layers=1,
-                      num_decoder_layers=1, dropout=0.1)
+  config.model.kind = "lstm"  # the tiny variant's LSTM: 16 / 32 wide, one layer each side
   task = experiments.load("multi30k_translation").build(config)
   results = loop.train(task, config, experiment="multi30k_translation:tiny")
   assert sorted(p.name for p in tmp_path.glob("spm.*.model")) == ["spm.de.model", "spm.en.model"]

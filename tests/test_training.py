@@ -13,6 +13,7 @@ import pytest
 import experiments
 from research import config as config_lib
 from research.evaluate.writer import read_metrics
+from research.load import load_model
 from research.train import loop
 from research.train.checkpoint import CheckpointError
 
@@ -55,10 +56,10 @@ def test_resume_continues_exactly_as_if_never_stopped(tmp_path):
   run("gpt_shakespeare:tiny", tmp_path / "split", "--config.steps=10", *args)
   run("gpt_shakespeare:tiny", tmp_path / "split", "--config.steps=20", *args)
   assert curves(tmp_path / "split") == curves(tmp_path / "whole")
-  _, _, whole = experiments.load_run(tmp_path / "whole")
-  _, _, split = experiments.load_run(tmp_path / "split")
+  whole, _, _ = load_model(tmp_path / "whole")
+  split, _, _ = load_model(tmp_path / "split")
   from flax import nnx
-  for a, b in zip(jax.tree.leaves(nnx.state(whole.model)), jax.tree.leaves(nnx.state(split.model))):
+  for a, b in zip(jax.tree.leaves(nnx.state(whole)), jax.tree.leaves(nnx.state(split))):
     np.testing.assert_array_equal(a, b)
 
 
@@ -112,7 +113,7 @@ def cli(*args, env=None):
     (["gpt_shakespeare", "--config.learning_rate=fast"], "expected a float"),
     (["gpt_shakespeare", "--config.steps=-5"], "config.steps must be a positive integer"),
     (["gpt_shakespeare", "--config.learning_rate=nan"], "learning_rate must be a finite"),
-    (["gpt_shakespeare", "--config.model.attention=flash"], "unknown config.model.attention"),
+    (["gpt_shakespeare", "--config.model.attention=flash"], "unknown attention implementation"),
     (["gpt_shakespeare", "--config.model.attention=cudnn"], "needs an NVIDIA GPU"),
     (["gpt_shakespeare", "--config.parallelism=tp"], "unknown config.parallelism"),
     (["gpt_shakespeare:tiny", "--config.data.manual_dir=/nonexistent"], "is not a directory"),

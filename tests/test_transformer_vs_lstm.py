@@ -3,10 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 
-import experiments
 from experiments import transformer_vs_lstm
 from research import config as config_lib
+from research.load import load_model
 
 
 def test_training_time_adds_up_step_times_of_logged_windows():
@@ -29,7 +30,9 @@ def test_tiny_race_trains_both_models_and_reports_bits_per_char(tmp_path):
     assert 0 < report[name]["val_bits_per_char_at_common_seconds"] < 8
     assert results[name]["steps"] == report[name]["steps"] <= config.steps
     # Each model is an ordinary run of its single-run experiment.
-    spec, _, _ = experiments.load_run(tmp_path / "run" / name)
-    assert spec == transformer_vs_lstm.MODELS[name]
+    _, _, sub = load_model(tmp_path / "run" / name)
+    assert sub.experiment == transformer_vs_lstm.MODELS[name]
+  with pytest.raises(config_lib.ConfigError, match=r"subfolders \(gpt, lstm\); load one"):
+    load_model(tmp_path / "run")
   assert (tmp_path / "run" / "comparison.png").exists()
   assert not (tmp_path / "run" / "calibrate_gpt").exists()

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from research.models.cnn import CNN, CNNConfig
-from research.models.mlp import MLP
+from research.models.mlp import MLP, MLPConfig
 from research.models.vit import ViT, ViTConfig, patchify
 
 B, S, P = 3, 12, 4  # images of 12x12 pixels: a 3x3 grid of 4x4 patches
@@ -85,5 +85,5 @@ def test_cnn_batchnorm_uses_batch_statistics_in_training_and_running_averages_in
 
 
 def test_mlp_flattens_images():
-  model = MLP(S * S, (8,), 5, rngs=nnx.Rngs(0))
+  model = MLP(MLPConfig(in_features=S * S, hidden_sizes=(8,), out_features=5), rngs=nnx.Rngs(0))
   assert model(images()).shape == (B, 5)

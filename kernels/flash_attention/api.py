@@ -10,7 +10,7 @@ from jax.experimental import pallas as pl
 
 from kernels.flash_attention import pallas, reference
 
-IMPLEMENTATIONS = ("auto", "pallas", "xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 _COMPILED_DTYPES = {  # what the compiled kernels accept, per back-end
     "gpu": (jnp.float32, jnp.bfloat16, jnp.float16),
     "tpu": (jnp.float32, jnp.bfloat16),

@@ -65,6 +65,17 @@ def _scores(cfg, q, k, q_start, k_start, q_seg_Qx1, kv_seg_1xK, acc_dtype):
   return s_QxK if mask_QxK is None else jnp.where(mask_QxK, s_QxK, -jnp.inf)
 
 
+def _loop(cfg, lower, upper, body, init):
+  """`lax.fori_loop`; interpreted, always as a while loop. Static bounds make a scan, and the
+  interpreter evaluates a scan traced without mesh axes on operands that vary over the `dp`
+  step's axis, which jax 0.10's varying-axes check rejects."""
+  if cfg.target == "interpret":
+    upper = jnp.asarray(upper, jnp.int32)
+    return lax.while_loop(lambda c: c[0] < upper, lambda c: (c[0] + 1, body(c[0], c[1])),
+                          (jnp.int32(lower), init))[1]
+  return lax.fori_loop(lower, upper, body, init)
+
+
 def _num_k_blocks(cfg, q_block, seq_k_padded):
   """Key blocks a query block must visit; causal skips the ones wholly in its future."""
   num_k = seq_k_padded // cfg.block_k
@@ -100,7 +111,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
   init = (jnp.zeros(q_QxD.shape, acc_dtype),
           jnp.full((cfg.block_q, 1), -jnp.inf, acc_dtype),
           jnp.zeros((cfg.block_q, 1), acc_dtype))
-  acc_QxD, m_Qx1, l_Qx1 = lax.fori_loop(0, _num_k_blocks(cfg, i, k_ref.shape[0]), body, init)
+  acc_QxD, m_Qx1, l_Qx1 = _loop(cfg, 0, _num_k_blocks(cfg, i, k_ref.shape[0]), body, init)
   # Rows with no visible key (segment ids, padding) output 0, and lse = +inf makes
   # every backward exp(s - lse) vanish for them.
   empty_Qx1 = l_Qx1 == 0
@@ -127,7 +138,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delt
     ds_QxK = p_QxK * (dp_QxK - delta_Qx1)
     return dq_QxD + _dot(ds_QxK.astype(k_KxD.dtype), k_KxD, (1, 0), acc_dtype)
 
-  dq_QxD = lax.fori_loop(0, _num_k_blocks(cfg, i, k_ref.shape[0]), body,
+  dq_QxD = _loop(cfg, 0, _num_k_blocks(cfg, i, k_ref.shape[0]), body,
                          jnp.zeros(q_QxD.shape, acc_dtype))
   dq_ref[...] = (dq_QxD * cfg.sm_scale).astype(dq_ref.dtype)
 
@@ -156,7 +167,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, de
   # Causal: query blocks wholly before this key block never see it.
   first = lax.div(j * cfg.block_k, jnp.int32(cfg.block_q)) if cfg.causal else 0
   zeros = jnp.zeros(k_KxD.shape, acc_dtype)
-  dk_KxD, dv_KxD = lax.fori_loop(first, q_ref.shape[0] // cfg.block_q, body, (zeros, zeros))
+  dk_KxD, dv_KxD = _loop(cfg, first, q_ref.shape[0] // cfg.block_q, body, (zeros, zeros))
   dk_ref[...] = (dk_KxD * cfg.sm_scale).astype(dk_ref.dtype)
   dv_ref[...] = dv_KxD.astype(dv_ref.dtype)
 
@@ -172,10 +183,28 @@ def _compiler_params(cfg, head_dim, grid_rank):
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, head_dim, name):
-  return pl.pallas_call(
+  call = lambda out_shape: pl.pallas_call(
       functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, compiler_params=_compiler_params(cfg, head_dim, len(grid)),
       interpret=cfg.target == "interpret", name=name)
+
+  def run(*operands):
+    # Inside `jax.shard_map` (the `dp` train step) every output must state which mesh axes
+    # it varies over: all those any operand varies over, so operands are cast to that too.
+    varying = frozenset().union(*(_varying(x) for x in operands if x is not None))
+    if not varying:
+      return call(out_shape)(*operands)
+    operands = [x if x is None or _varying(x) == varying
+                else lax.pcast(x, tuple(varying - _varying(x)), to="varying") for x in operands]
+    mat = jax.sharding.ManualAxisType(varying=varying)
+    return call(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat),
+                             out_shape))(*operands)
+
+  return run
+
+
+def _varying(x) -> frozenset:
+  return jax.typeof(x).manual_axis_type.varying
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ run resumes, so a resumed run tokenizes exactly as before.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -44,6 +45,20 @@ class SubwordTokenizer:
     path.write_bytes(tokenizer.model_bytes)
     return tokenizer
 
+  def save(self, directory: Path) -> None:
+    """`directory/tokenizer.json` and the SentencePiece model (`research.load.load_tokenizer`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spm.model").write_bytes(self.model_bytes)
+    (directory / "tokenizer.json").write_text(json.dumps({"kind": "sentencepiece",
+                                                         "model": "spm.model"}))
+
+  @classmethod
+  def load(cls, directory: Path) -> "SubwordTokenizer":
+    directory = Path(directory)
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    return cls((directory / spec["model"]).read_bytes())
+
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
@@ -66,3 +81,26 @@ class SubwordTokenizer:
     if EOS in ids:
       ids = ids[:ids.index(EOS)]
     return self._sp.decode([i for i in ids if i not in (PAD, BOS)])
+
+
+class TokenizerPair:
+  """A source and a target tokenizer (translation); the same object twice for a shared
+  vocabulary, saved once."""
+
+  def __init__(self, source: SubwordTokenizer, target: SubwordTokenizer):
+    self.source, self.target = source, target
+
+  def save(self, directory: Path) -> None:
+    directory = Path(directory)
+    self.source.save(directory / "source")
+    shared = self.target.model_bytes == self.source.model_bytes
+    if not shared:
+      self.target.save(directory / "target")
+    (directory / "tokenizer.json").write_text(json.dumps({"kind": "pair", "shared": shared}))
+
+  @classmethod
+  def load(cls, directory: Path) -> "TokenizerPair":
+    directory = Path(directory)
+    shared = json.loads((directory / "tokenizer.json").read_text())["shared"]
+    source = SubwordTokenizer.load(directory / "source")
+    return cls(source, source if shared else SubwordTokenizer.load(directory / "target"))

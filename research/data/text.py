@@ -36,12 +36,15 @@ class CharTokenizer:
   def decode(self, ids) -> str:
     return "".join(self.chars[int(i)] for i in ids)
 
-  def save(self, path: Path) -> None:
-    path.write_text(json.dumps({"chars": self.chars}))
+  def save(self, directory: Path) -> None:
+    """`directory/tokenizer.json`; `research.load.load_tokenizer` reads it back."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": self.chars}))
 
   @classmethod
-  def load(cls, path: Path) -> "CharTokenizer":
-    return cls(json.loads(path.read_text())["chars"])
+  def load(cls, directory: Path) -> "CharTokenizer":
+    return cls(json.loads((Path(directory) / "tokenizer.json").read_text())["chars"])
 
 
 def load_text_splits(dataset: str, manual_dir: str = "", text_file: str = "") -> dict[str, str]:

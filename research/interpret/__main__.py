@@ -12,18 +12,20 @@ import numpy as np
 
 
 def _load_gpt(workdir: str):
-  import experiments
+  """(experiment spec, config, GPT model, tokenizer or None) of a run folder."""
   from research.config import ConfigError
+  from research.load import load_model
   from research.models.gpt import GPT
 
-  spec, config, task = experiments.load_run(workdir)
-  if not isinstance(task.model, GPT):
-    raise ConfigError(f"{workdir} is a {spec} run of {type(task.model).__name__}; these tools "
+  model, tokenizer, config = load_model(workdir)
+  spec = config.get("experiment", "?")
+  if not isinstance(model, GPT):
+    raise ConfigError(f"{workdir} is a {spec} run of {type(model).__name__}; these tools "
                       f"read GPT models")
-  return spec, config, task.model
+  return spec, config, model, tokenizer
 
 
-def _encode(args, config, model) -> tuple[np.ndarray, list[str]]:
+def _encode(args, tokenizer, model) -> tuple[np.ndarray, list[str]]:
   from research.config import ConfigError
 
   if args.tokens is not None:
@@ -33,15 +35,13 @@ def _encode(args, config, model) -> tuple[np.ndarray, list[str]]:
       raise ConfigError(f"--tokens {args.tokens!r}: expected integers") from None
     labels = [str(i) for i in ids]
   else:
-    if "text_file" not in config.get("data", {}):
-      raise ConfigError("this run's model reads token ids, not characters: use --tokens")
-    from research.tasks.language_model import load_char_data
-    tokenizer, _ = load_char_data(config)  # the experiment's own tokenizer, fit the same way
+    if tokenizer is None:
+      raise ConfigError("this run's model reads token ids, not text: use --tokens")
     try:
-      ids = tokenizer.encode(args.text)
+      ids = np.asarray(tokenizer.encode(args.text), np.int32)
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    labels = [repr(c)[1:-1] for c in args.text]
+    labels = [repr(tokenizer.decode([i]))[1:-1] for i in ids]
   if not 0 < len(ids) <= model.cfg.block_size:
     raise ConfigError(f"the input has {len(ids)} tokens; the model reads 1 to "
                       f"{model.cfg.block_size}")
@@ -54,8 +54,8 @@ def attention(args) -> list[Path]:
   """One PNG per layer: the attention map of each head on the given input."""
   from research.interpret.attention import attention_maps, plot_attention
 
-  spec, config, model = _load_gpt(args.workdir)
-  ids, labels = _encode(args, config, model)
+  spec, config, model, tokenizer = _load_gpt(args.workdir)
+  ids, labels = _encode(args, tokenizer, model)
   maps_LxBxHxTxT = np.asarray(attention_maps(model, ids[None]))
   out = _out_dir(args)
   return [plot_attention(maps_LxBxHxTxT[l, 0], labels, out / f"attention_layer{l}.png",
@@ -67,7 +67,7 @@ def heads(args) -> list[Path]:
   from research.interpret import scores
   from research.interpret.attention import attention_maps, plot_attention
 
-  spec, config, model = _load_gpt(args.workdir)
+  spec, config, model, _ = _load_gpt(args.workdir)
   n = model.cfg.block_size // 2
   tokens_BxT = scores.repeated_random_tokens(np.random.default_rng(args.seed), args.batch, n,
                                              model.cfg.vocab_size)
@@ -90,7 +90,7 @@ def fourier(args) -> list[Path]:
   """Norm of the token embedding per frequency of Z_p (p: the run's data.p, else the vocab)."""
   from research.interpret import fourier as fourier_lib
 
-  spec, config, model = _load_gpt(args.workdir)
+  spec, config, model, _ = _load_gpt(args.workdir)
   p = config.get("data", {}).get("p", model.cfg.vocab_size)
   norms = np.asarray(fourier_lib.frequency_norms(model.embed.embedding[...][:p]))
   keys = fourier_lib.key_frequencies(norms, args.top_k)

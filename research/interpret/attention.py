@@ -1,41 +1,34 @@
-"""Attention patterns of a trained GPT, recomputed from its own layers.
+"""Attention patterns of a trained Transformer, recorded by its own attention modules.
 
-The model's forward pass never materializes its attention weights (the fused kernels do not
-have them), so this module replays it: the residual stream is advanced block by block with
-the model's own blocks, and at each block the query/key projections of `CausalSelfAttention`
-are applied to the block's normalized input to form the softmax maps. A test checks that these
-maps, applied to the values, give back the block's attention output.
+Fused kernels never materialize the attention weights, so `attention_maps` switches every
+`MultiHeadAttention` of the model to its explicit path (`keep_weights`), runs the model's own
+forward pass once, and collects the softmax weights each module recorded.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from research.models.gpt import GPT, rope
-
-
-def _head_maps(attn, x_BxTxD) -> jax.Array:
-  """Causal softmax weights [B, H, T, T] of one `CausalSelfAttention` (query t, key s)."""
-  cfg = attn.cfg
-  B, T, D = x_BxTxD.shape
-  H = cfg.num_heads
-  q_BxTxHxK, k_BxTxHxK, _ = jnp.split(attn.qkv(x_BxTxD).reshape(B, T, 3 * H, D // H), 3, axis=2)
-  if cfg.position == "rope":
-    q_BxTxHxK, k_BxTxHxK = rope(q_BxTxHxK, jnp.arange(T)), rope(k_BxTxHxK, jnp.arange(T))
-  logits_BxHxTxT = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK.astype(jnp.float32),
-                              k_BxTxHxK.astype(jnp.float32)) / jnp.sqrt(D // H)
-  causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-  return jax.nn.softmax(jnp.where(causal_TxT, logits_BxHxTxT, -jnp.inf), axis=-1)
+from research.nn.attention import MultiHeadAttention, Weights
 
 
-def attention_maps(model: GPT, tokens_BxT: jax.Array) -> jax.Array:
-  """Attention weights of every layer and head, [L, B, H, T, T] (rows: queries; sum to 1)."""
-  x_BxTxD = model._embed(tokens_BxT, 0)  # the model's token + position embedding
-  maps = []
-  for block in model.blocks:
-    maps.append(_head_maps(block.attn, block.norm1(x_BxTxD)))
-    x_BxTxD, _ = block(x_BxTxD)
+def attention_maps(model: nnx.Module, *inputs) -> jax.Array:
+  """Weights of every attention module and head, [L, B, H, T, S] (rows: queries; sum to 1),
+  from `model(*inputs)`; modules in the order of their paths (`blocks.0`, `blocks.1`, ...)."""
+  modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, MultiHeadAttention)]
+  for m in modules:
+    m.keep_weights = True
+  try:
+    model(*inputs)
+    recorded = nnx.pop(model, Weights)
+  finally:
+    for m in modules:
+      m.keep_weights = False
+  maps = jax.tree.leaves(recorded)
+  if not maps:
+    raise ValueError(f"{type(model).__name__} has no MultiHeadAttention")
   return jnp.stack(maps)
 
 

@@ -9,6 +9,8 @@ the concatenated states, and a dense layer maps it to logits.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,16 +27,26 @@ def reverse_within_length(x_BxTx_, lengths_B):
                              axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class BiLSTMConfig:
+  vocab_size: int
+  num_classes: int
+  embed_dim: int = 256
+  hidden_dim: int = 256  # per direction
+  dropout: float = 0.0  # on the embeddings and on the pooled vector
+  dtype: str = "float32"
+
+
 class BiLSTMClassifier(nnx.Module):
 
-  def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int = 256,
-               hidden_dim: int = 256, dropout: float = 0.0, dtype="float32", rngs: nnx.Rngs):
-    self.embed = nnx.Embed(vocab_size, embed_dim, embedding_init=nnx.initializers.normal(0.1),
-                           dtype=dtype, rngs=rngs)
-    self.forward = LSTM(embed_dim, hidden_dim, dtype=dtype, rngs=rngs)
-    self.backward = LSTM(embed_dim, hidden_dim, dtype=dtype, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout)
-    self.head = nnx.Linear(2 * hidden_dim, num_classes, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: BiLSTMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim,
+                           embedding_init=nnx.initializers.normal(0.1), dtype=cfg.dtype, rngs=rngs)
+    self.forward = LSTM(cfg.embed_dim, cfg.hidden_dim, dtype=cfg.dtype, rngs=rngs)
+    self.backward = LSTM(cfg.embed_dim, cfg.hidden_dim, dtype=cfg.dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+    self.head = nnx.Linear(2 * cfg.hidden_dim, cfg.num_classes, dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     valid_BxT = tokens_BxT != PAD

@@ -27,6 +27,9 @@ class CNNConfig:
   dropout: float = 0.0  # before the head
   dtype: str = "float32"
 
+  def __post_init__(self):  # a list (from JSON or a config) would make the config unhashable
+    object.__setattr__(self, "widths", tuple(self.widths))
+
 
 class ResidualBlock(nnx.Module):
   """relu(x' + BN(conv(relu(BN(conv(x)))))), x' = x, or a strided 1x1 projection of it."""
@@ -54,8 +57,8 @@ class ResidualBlock(nnx.Module):
 
 class CNN(nnx.Module):
 
-  def __init__(self, config: CNNConfig, *, rngs: nnx.Rngs):
-    c = config
+  def __init__(self, cfg: CNNConfig, *, rngs: nnx.Rngs):
+    self.cfg = c = cfg
     self.stem = nnx.Conv(c.channels, c.widths[0], (3, 3), use_bias=False, dtype=c.dtype, rngs=rngs)
     self.stem_norm = nnx.BatchNorm(c.widths[0], dtype=c.dtype, rngs=rngs)
     blocks, in_ch = [], c.widths[0]

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.data.subword import PAD
-from research.nn.transformer import Block, padding_mask
+from research.nn.attention import padding_segments
+from research.nn.transformer import Block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class EncoderConfig:
   dropout: float = 0.1
   attention: str = "xla"  # see research.nn.attention
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  num_classes: int = 0  # outputs of `EncoderClassifier`'s head (unused by the others)
 
 
 def _normal(std: float = 0.02):
@@ -56,27 +58,48 @@ class Encoder(nnx.Module):
         for _ in range(cfg.num_layers)])
     self.norm = nnx.LayerNorm(d, dtype=cfg.dtype, rngs=rngs)
 
-  def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Token states [B, T, D]; positions holding PAD are never attended to."""
+  def __call__(self, tokens_BxT: jax.Array, *, segment_ids_BxT: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Token states [B, T, D]; positions holding PAD are never attended to.
+
+    `segment_ids_BxT` packs several sequences into a row: ids 1, 2, ... per sequence, 0 for
+    padding. Tokens attend only within their sequence, and positions restart at each, so a
+    packed sequence gets the states it would get alone.
+    """
     T = tokens_BxT.shape[1]
     if T > self.cfg.max_len:
       raise ValueError(f"input of {T} tokens is longer than max_len={self.cfg.max_len}")
-    x_BxTxD = self.embed(tokens_BxT) + self.pos_embed(jnp.arange(T))[None]
+    if segment_ids_BxT is None:
+      segments, positions_BxT = padding_segments(tokens_BxT != PAD), jnp.arange(T)[None]
+    else:
+      segments, positions_BxT = segment_ids_BxT, positions_in_segments(segment_ids_BxT)
+    x_BxTxD = self.embed(tokens_BxT) + self.pos_embed(positions_BxT)
     x_BxTxD = self.dropout(x_BxTxD, deterministic=rngs is None, rngs=rngs)
-    mask_Bx1x1xT = padding_mask(tokens_BxT != PAD)
     for block in self.blocks:
-      x_BxTxD, _ = block(x_BxTxD, mask_BxHxTxS=mask_Bx1x1xT, rngs=rngs)
+      x_BxTxD, _ = block(x_BxTxD, segment_ids=segments, rngs=rngs)
     return self.norm(x_BxTxD)
+
+
+def positions_in_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Each token's index within its run of equal segment ids, e.g. [1 1 1 2 2 0] -> [0 1 2 0 1 0]."""
+  T = segment_ids_BxT.shape[1]
+  t_BxT = jnp.broadcast_to(jnp.arange(T), segment_ids_BxT.shape)
+  starts_BxT = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                                segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  return t_BxT - jax.lax.cummax(jnp.where(starts_BxT, t_BxT, 0), axis=1)
 
 
 class EncoderClassifier(nnx.Module):
   """Encoder -> masked mean over real tokens -> dropout -> Linear."""
 
-  def __init__(self, cfg: EncoderConfig, num_classes: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    if cfg.num_classes < 1:
+      raise ValueError(f"EncoderClassifier needs num_classes >= 1, got {cfg.num_classes}")
+    self.cfg = cfg
     self.encoder = Encoder(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
-    self.head = nnx.Linear(cfg.embed_dim, num_classes, kernel_init=_normal(), dtype=cfg.dtype,
-                           rngs=rngs)
+    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, kernel_init=_normal(),
+                           dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     h_BxTxD = self.encoder(tokens_BxT, rngs=rngs)
@@ -91,6 +114,7 @@ class MaskedLM(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     d = cfg.embed_dim
+    self.cfg = cfg
     self.encoder = Encoder(cfg, rngs=rngs)
     self.transform = nnx.Linear(d, d, kernel_init=_normal(), dtype=cfg.dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(d, dtype=cfg.dtype, rngs=rngs)

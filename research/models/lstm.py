@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research import flops
+
 
 @dataclasses.dataclass(frozen=True)
 class LSTMConfig:
@@ -88,3 +90,8 @@ class LSTMLM(nnx.Module):
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     logits_BxTxV, _ = self.decode(tokens_BxT, None, rngs=rngs)
     return logits_BxTxV
+
+  def flops_per_token(self, context: int | None = None) -> float:
+    """Training FLOPs per token: every matrix once per token, whatever the context."""
+    del context
+    return flops.recurrent_flops_per_token(self)

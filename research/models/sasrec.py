@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.nn.transformer import Block, padding_mask
+from research.nn.attention import padding_segments
+from research.nn.transformer import Block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +60,9 @@ class SASRec(nnx.Module):
 
   def encode(self, x_BxTxD, valid_BxT, *, rngs=None):
     """Blocks + final norm over embedded inputs; position t reads positions <= t only."""
-    mask = padding_mask(valid_BxT)
+    segments = padding_segments(valid_BxT)
     for block in self.blocks:
-      x_BxTxD, _ = block(x_BxTxD, mask_BxHxTxS=mask, causal=True, rngs=rngs)
+      x_BxTxD, _ = block(x_BxTxD, segment_ids=segments, causal=True, rngs=rngs)
     return self.norm(x_BxTxD).astype(jnp.float32)
 
   def __call__(self, items_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:

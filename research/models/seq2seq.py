@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.data.subword import PAD
-from research.nn.transformer import Block, padding_mask
+from research.nn.attention import padding_segments
+from research.nn.transformer import Block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +76,10 @@ class Seq2SeqTransformer(nnx.Module):
 
   def encode(self, src_BxS, *, rngs=None) -> dict:
     valid_BxS = src_BxS != PAD
-    mask = padding_mask(valid_BxS)
+    segments = padding_segments(valid_BxS)
     x_BxSxD = self._embed(self.src_embed, src_BxS, 0, rngs)
     for block in self.encoder:
-      x_BxSxD, _ = block(x_BxSxD, mask_BxHxTxS=mask, rngs=rngs)
+      x_BxSxD, _ = block(x_BxSxD, segment_ids=segments, rngs=rngs)
     return {"x": self.encoder_norm(x_BxSxD), "valid": valid_BxS}
 
   def init_cache(self, memory: dict, max_len: int) -> tuple[dict, list]:
@@ -91,10 +92,10 @@ class Seq2SeqTransformer(nnx.Module):
 
   def decode(self, tokens_BxT, context: dict, cache: list, pos, *, rngs=None):
     x_BxTxD = self._embed(self.tgt_embed, tokens_BxT, pos, rngs)
-    context_mask = padding_mask(context["valid"])
+    context_segments = padding_segments(context["valid"], tokens_BxT.shape[1])
     new_cache = []
     for block, context_kv, layer_cache in zip(self.decoder, context["kv"], cache):
-      x_BxTxD, layer_cache = block(x_BxTxD, context_mask_BxHxTxS=context_mask, rngs=rngs,
+      x_BxTxD, layer_cache = block(x_BxTxD, context_segment_ids=context_segments, rngs=rngs,
                                    cache=layer_cache, pos=pos, context_kv=context_kv)
       new_cache.append(layer_cache)
     return self.tgt_embed.attend(self.decoder_norm(x_BxTxD)).astype(jnp.float32), new_cache
@@ -102,9 +103,9 @@ class Seq2SeqTransformer(nnx.Module):
   def __call__(self, src_BxS, tgt_in_BxT, *, rngs=None):
     """Teacher forcing: logits for every target position, in one parallel pass."""
     memory = self.encode(src_BxS, rngs=rngs)
-    context_mask = padding_mask(memory["valid"])
+    context_segments = padding_segments(memory["valid"], tgt_in_BxT.shape[1])
     x_BxTxD = self._embed(self.tgt_embed, tgt_in_BxT, 0, rngs)
     for block in self.decoder:
       x_BxTxD, _ = block(x_BxTxD, causal=True, context_BxSxD=memory["x"],
-                         context_mask_BxHxTxS=context_mask, rngs=rngs)
+                         context_segment_ids=context_segments, rngs=rngs)
     return self.tgt_embed.attend(self.decoder_norm(x_BxTxD)).astype(jnp.float32)

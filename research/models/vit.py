@@ -54,7 +54,7 @@ class ViT(nnx.Module):
       raise ValueError(f"image_size={c.image_size} is not divisible by patch_size={c.patch_size}")
     if c.pool not in POOLS:
       raise ValueError(f"unknown pool {c.pool!r}; choose one of {', '.join(POOLS)}")
-    self.config = c
+    self.cfg = c
     self.patch_embed = nnx.Linear(c.patch_size ** 2 * c.channels, c.embed_dim, dtype=c.dtype,
                                   rngs=rngs)
     init = nnx.initializers.normal(0.02)
@@ -72,7 +72,7 @@ class ViT(nnx.Module):
 
   def features(self, images_BxHxWxC: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The pooled image representation [B, D] the head classifies."""
-    x_BxNxD = self.patch_embed(patchify(images_BxHxWxC, self.config.patch_size))
+    x_BxNxD = self.patch_embed(patchify(images_BxHxWxC, self.cfg.patch_size))
     if self.cls_token is not None:
       cls_Bx1xD = jnp.broadcast_to(self.cls_token.value, (x_BxNxD.shape[0], 1, x_BxNxD.shape[2]))
       x_BxNxD = jnp.concatenate([cls_Bx1xD.astype(x_BxNxD.dtype), x_BxNxD], axis=1)

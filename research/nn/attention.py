@@ -1,16 +1,28 @@
-"""The one attention function every model calls; `implementation` picks the kernel.
+"""Multi-head attention: the one module every Transformer here is built from, and the one
+function that computes its softmax(QKᵀ)V core.
 
-- `xla`: `jax.nn.dot_product_attention` lowered by XLA (any device; the default).
-- `cudnn`: the same function through cuDNN's fused kernel (NVIDIA GPUs).
-- `pallas`: this project's flash attention (`kernels.flash_attention`); interpreted on CPU.
-- `auto`: the Pallas kernel where the device and shapes support it, else XLA.
+`dot_product_attention` takes the masks the kernels can take — causal, and segment ids (a
+query attends only keys of its own segment: padding and packed sequences) — and runs them on
+the implementation asked for (`kernels.flash_attention.IMPLEMENTATIONS`: `xla`, `cudnn`,
+`pallas`, `auto`). A dense mask runs on XLA or cuDNN only; asking `pallas` for one is an error,
+never a silent switch.
+
+`MultiHeadAttention` is self- or cross-attention with fused or separate q/k/v projections,
+grouped-query attention (`num_kv_heads`), optional RoPE and QK-norm, and a KV cache. Steps of
+cached decoding read the cache through XLA whatever the training implementation: one query
+row against a cache is a matrix-vector product, not what a flash kernel is for.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+from kernels.flash_attention import IMPLEMENTATIONS, flash_attention, reference
+
+__all__ = ["IMPLEMENTATIONS", "MultiHeadAttention", "check_supported", "dot_product_attention",
+           "padding_segments", "rope"]
 
 
 def check_supported(implementation: str) -> None:
@@ -23,19 +35,180 @@ def check_supported(implementation: str) -> None:
                      f"this run's backend is {jax.default_backend()!r}")
 
 
+def padding_segments(valid_BxS: jax.Array, num_queries: int | None = None):
+  """Segment ids that mask padding keys: (q ids [B, T], kv ids [B, S]).
+
+  Self-attention (`num_queries` None): padding positions form their own segment 0, so a
+  padding query still has keys (itself) and stays finite. Cross-attention: every query is in
+  segment 1 and sees the real keys.
+  """
+  kv_seg_BxS = valid_BxS.astype(jnp.int32)
+  if num_queries is None:
+    return kv_seg_BxS, kv_seg_BxS
+  return jnp.ones((valid_BxS.shape[0], num_queries), jnp.int32), kv_seg_BxS
+
+
 def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, *,
-                          causal: bool, implementation: str = "xla",
-                          mask_BxHxTxS: jax.Array | None = None) -> jax.Array:
+                          causal: bool = False, segment_ids=None, mask_BxHxTxS=None,
+                          implementation: str = "xla", return_weights: bool = False):
   """Scaled dot-product attention; K (kv heads) divides H (query heads) for GQA/MQA.
 
-  `mask_BxHxTxS` (True = attend; any broadcastable shape, e.g. [B, 1, 1, S] for padding)
-  applies on top of `causal`. Masked calls (padding, KV-cache decoding) run on XLA.
+  Args:
+    causal: query t attends keys 0..t (top-left aligned).
+    segment_ids: None, one [B, T] array (self-attention) or a (q [B, T], kv [B, S]) pair;
+      a query attends only keys with its id (see `padding_segments`).
+    mask_BxHxTxS: a dense boolean mask (True = attend; broadcastable), on top of the above;
+      only `xla`, `cudnn` and `auto` (which then picks XLA) take one.
+    implementation: see `kernels.flash_attention.flash_attention`.
+    return_weights: also return the softmax weights [B, H, T, S], computed explicitly in
+      float32 on XLA (whatever `implementation` says: only that path has them).
+
+  Returns:
+    [B, T, H, D] in q's dtype, or (that, weights) with `return_weights`.
   """
   check_supported(implementation)
-  if mask_BxHxTxS is not None or implementation in ("xla", "cudnn"):
-    return jax.nn.dot_product_attention(
-        q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask_BxHxTxS, is_causal=causal,
-        implementation="cudnn" if implementation == "cudnn" else "xla")
-  import kernels  # Deferred: the kernels package is only needed for these two choices.
-  return kernels.flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
-                                 implementation=implementation)
+  if return_weights:
+    return _explicit_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, segment_ids,
+                               mask_BxHxTxS)
+  if mask_BxHxTxS is None:
+    return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
+                           segment_ids=segment_ids, implementation=implementation)
+  if implementation == "pallas":
+    raise ValueError("attention implementation 'pallas' takes causal and segment-id masks, "
+                     "not a dense mask; use xla or cudnn for this call")
+  mask = _full_mask(q_BxTxHxD.shape[1], k_BxSxKxD.shape[1], False, segment_ids, mask_BxHxTxS)
+  return jax.nn.dot_product_attention(
+      q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, is_causal=causal,
+      implementation="cudnn" if implementation == "cudnn" else "xla")
+
+
+def _full_mask(T, S, causal, segment_ids, mask_BxHxTxS):
+  q_seg, kv_seg = reference.split_segment_ids(segment_ids, T, S)
+  mask = reference.visible_mask(T, S, causal=causal, q_seg_BxT=q_seg, kv_seg_BxS=kv_seg)
+  if mask_BxHxTxS is not None:
+    mask = mask_BxHxTxS if mask is None else mask & mask_BxHxTxS
+  return mask
+
+
+def _explicit_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, segment_ids, mask_BxHxTxS):
+  T, H, D = q_BxTxHxD.shape[1:]
+  S, K = k_BxSxKxD.shape[1:3]
+  k_BxSxHxD = jnp.repeat(k_BxSxKxD, H // K, axis=2).astype(jnp.float32)
+  v_BxSxHxD = jnp.repeat(v_BxSxKxD, H // K, axis=2).astype(jnp.float32)
+  logits_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD.astype(jnp.float32),
+                              k_BxSxHxD) * D ** -0.5
+  mask = _full_mask(T, S, causal, segment_ids, mask_BxHxTxS)
+  if mask is not None:
+    logits_BxHxTxS = jnp.where(mask, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+  weights_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
+  out_BxTxHxD = jnp.einsum("bhts,bshd->bthd", weights_BxHxTxS, v_BxSxHxD)
+  return out_BxTxHxD.astype(q_BxTxHxD.dtype), weights_BxHxTxS
+
+
+def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2)."""
+  d = x_BxTxHxD.shape[-1]
+  inv_freq = 1.0 / (10_000 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angle_TxD2 = positions_T[:, None].astype(jnp.float32) * inv_freq[None, :]
+  sin, cos = jnp.sin(angle_TxD2)[None, :, None, :], jnp.cos(angle_TxD2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxTxHxD.dtype)
+
+
+class Weights(nnx.Intermediate):
+  """Attention weights [B, H, T, S] kept by a `MultiHeadAttention` with `keep_weights` set."""
+
+
+class MultiHeadAttention(nnx.Module):
+  """Self-attention, or cross-attention to a `context`; optional KV cache for decoding.
+
+  `fused_qkv` projects q, k and v with one matrix (self-attention only, as GPT-2 does);
+  otherwise `query` and `key_value` are separate, so keys and values can come from a context.
+  Dense layers see [B*T, D]: on 3-D activations XLA:CPU copies each weight gradient's input.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+               fused_qkv: bool = False, use_rope: bool = False, qk_norm: bool = False,
+               use_bias: bool = True, dropout: float = 0.0, implementation: str = "xla",
+               dtype="float32", kernel_init=None, out_init=None, rngs: nnx.Rngs):
+    num_kv_heads = num_kv_heads or num_heads
+    if dim % num_heads or num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must divide dim={dim}, and num_kv_heads="
+                       f"{num_kv_heads} must divide num_heads")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+    self.use_rope, self.implementation = use_rope, implementation
+    self.keep_weights = False  # set by research.interpret to record the attention weights
+    init = {} if kernel_init is None else dict(kernel_init=kernel_init)
+    linear = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+    kv_dim = 2 * num_kv_heads * self.head_dim
+    if fused_qkv:
+      self.qkv = nnx.Linear(dim, dim + kv_dim, **init, **linear)
+    else:
+      self.query = nnx.Linear(dim, dim, **init, **linear)
+      self.key_value = nnx.Linear(dim, kv_dim, **init, **linear)
+    self.out = nnx.Linear(dim, dim, **({} if out_init is None else dict(kernel_init=out_init)),
+                          **linear)
+    norm = dict(dtype=dtype, rngs=rngs)
+    self.q_norm = nnx.RMSNorm(self.head_dim, **norm) if qk_norm else None
+    self.k_norm = nnx.RMSNorm(self.head_dim, **norm) if qk_norm else None
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x_BxTxD, context_BxSxD=None, *, causal=False, segment_ids=None, rngs=None,
+               cache=None, pos=0, context_kv=None):
+    """Returns (output [B, T, D], cache).
+
+    With `cache` (self-attention), the keys and values of `x` are written at positions
+    pos..pos+T-1 and query t attends cache slots 0..pos+t. `context_kv` =
+    `self.context_kv(context)`, computed once when decoding step by step.
+    """
+    B, T, D = x_BxTxD.shape
+    H, K, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+    decoding = cache is not None or context_kv is not None
+    x_NxD = x_BxTxD.reshape(B * T, D)
+    if hasattr(self, "qkv"):
+      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh = jnp.split(
+          self.qkv(x_NxD).reshape(B, T, H + 2 * K, Dh), [H, H + K], axis=2)
+    else:
+      q_BxTxHxDh = self.query(x_NxD).reshape(B, T, H, Dh)
+      if context_kv is None:
+        context_kv = self.context_kv(x_BxTxD if context_BxSxD is None else context_BxSxD)
+      k_BxSxKxDh, v_BxSxKxDh = context_kv
+    if self.q_norm is not None:
+      q_BxTxHxDh, k_BxSxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxSxKxDh)
+    if self.use_rope:
+      positions_T = pos + jnp.arange(T)
+      q_BxTxHxDh, k_BxSxKxDh = rope(q_BxTxHxDh, positions_T), rope(k_BxSxKxDh, positions_T)
+    implementation, mask_1x1xTxS = self.implementation, None
+    if cache is not None:
+      k_BxSxKxDh = jax.lax.dynamic_update_slice(cache["k"], k_BxSxKxDh.astype(cache["k"].dtype),
+                                                (0, pos, 0, 0))
+      v_BxSxKxDh = jax.lax.dynamic_update_slice(cache["v"], v_BxSxKxDh.astype(cache["v"].dtype),
+                                                (0, pos, 0, 0))
+      cache = {"k": k_BxSxKxDh, "v": v_BxSxKxDh}
+      k_BxSxKxDh, v_BxSxKxDh = (a.astype(q_BxTxHxDh.dtype) for a in (k_BxSxKxDh, v_BxSxKxDh))
+      S = k_BxSxKxDh.shape[1]
+      mask_1x1xTxS = (jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None])[None, None]
+      causal = False  # the cache mask orders the positions
+    if decoding:
+      implementation = "xla"  # see the module docstring
+    y = dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, causal=causal,
+                              segment_ids=segment_ids, mask_BxHxTxS=mask_1x1xTxS,
+                              implementation=implementation, return_weights=self.keep_weights)
+    if self.keep_weights:
+      y, weights_BxHxTxS = y
+      self.sow(Weights, "weights", weights_BxHxTxS)
+    y_BxTxD = self.out(y.reshape(B * T, D)).reshape(B, T, D)
+    return self.dropout(y_BxTxD, deterministic=rngs is None, rngs=rngs), cache
+
+  def context_kv(self, source_BxSxD):
+    """The keys and values [B, S, K, D/H] of `source` (x itself for self-attention)."""
+    B, S, D = source_BxSxD.shape
+    kv_NxE = self.key_value(source_BxSxD.reshape(B * S, D))
+    k_BxSxKxDh, v_BxSxKxDh = jnp.split(
+        kv_NxE.reshape(B, S, 2 * self.num_kv_heads, self.head_dim), 2, axis=2)
+    return k_BxSxKxDh, v_BxSxKxDh
+
+  def init_cache(self, batch_size: int, length: int, dtype="float32"):
+    shape = (batch_size, length, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -77,7 +77,8 @@ def write_report(workdir: Path, split: str, labels_N, predictions_N, class_names
 def classification_task(config, model, train: Arrays | Callable[[int], Arrays], evals: dict[str, Arrays],
                         class_names: Sequence[str], *, transform: Callable[[Arrays], Arrays] | None = None,
                         decide: Decide = argmax_decide, eval_batch_size: int | None = None,
-                        augment: Callable[[Arrays, int], Arrays] | None = None) -> Task:
+                        augment: Callable[[Arrays, int], Arrays] | None = None,
+                        tokenizer=None) -> Task:
   """A Task training `model` with cross-entropy on `train`, evaluated on each of `evals`.
 
   `augment(batch, step)` changes each training batch before `transform` (e.g. random crops
@@ -119,4 +120,4 @@ def classification_task(config, model, train: Arrays | Callable[[int], Arrays], 
 
   return Task(model=model, loss_fn=cross_entropy_loss, train_data=train_data,
               eval_data={split: eval_data(arrays) for split, arrays in evals.items()},
-              eval_fn=_eval_fn, summarize=summarize)
+              eval_fn=_eval_fn, summarize=summarize, tokenizer=tokenizer)

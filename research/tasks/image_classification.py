@@ -1,7 +1,7 @@
 """Image classification: `research.tasks.classification` plus what images need.
 
 Pixels are normalized with the training set's mean and standard deviation. Augmentation
-(`config.data.augment`) takes a random crop of each training image padded by 4 black pixels
+(`augmentation=True`) takes a random crop of each training image padded by 4 black pixels
 and flips half of them left-right; it runs in numpy on the host, drawing from a generator
 seeded by (seed, step), so a batch stays a pure function of the step (exact resume) and every
 model shares one compiled train step whatever the augmentation. After training, the run
@@ -78,9 +78,11 @@ def plot_misclassified(images_NxHxW: np.ndarray, labels_N: np.ndarray, predictio
 
 
 def image_classification_task(config, model: nnx.Module, splits: dict[str, dict[str, np.ndarray]],
-                              class_names: Sequence[str]) -> Task:
+                              class_names: Sequence[str], *, eval_batch_size: int,
+                              augmentation: bool = False) -> Task:
   """Trains on `splits["train"]` ({"image": uint8 [N, H, W], "label": [N]}) and evaluates on
-  every other split; `config.data.augment` turns on crop-and-flip augmentation."""
+  every other split; `augmentation` turns on crop-and-flip augmentation. `config` gives
+  batch_size, seed and workdir."""
   mean, std = normalization(splits["train"]["image"])
 
   def transform(batch):
@@ -93,11 +95,11 @@ def image_classification_task(config, model: nnx.Module, splits: dict[str, dict[
   arrays = {name: {"inputs": s["image"], "labels": s["label"]} for name, s in splits.items()}
   task = classification_task(
       config, model, arrays.pop("train"), arrays, class_names, transform=transform,
-      eval_batch_size=config.eval_batch_size, augment=crop_and_flip if config.data.augment else None)
+      eval_batch_size=eval_batch_size, augment=crop_and_flip if augmentation else None)
 
   def finish(model, workdir: Path):
     test = splits["test"]
-    predictions = predict(model, normalize(test["image"], mean, std), config.eval_batch_size)
+    predictions = predict(model, normalize(test["image"], mean, std), eval_batch_size)
     plot_misclassified(test["image"], test["label"], predictions, class_names,
                        workdir / "misclassified_test.png")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -10,7 +11,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from research import flops
 from research.data.text import CharTokenizer, LMBatches, load_text_splits
 from research.models.sampling import generate
 from research.train.task import Task
@@ -30,25 +30,30 @@ def load_char_data(config) -> tuple[CharTokenizer, dict[str, np.ndarray]]:
   return tokenizer, {split: tokenizer.encode(t) for split, t in text.items()}
 
 
-def matmul_params(model: nnx.Module) -> int:
-  """Parameters that multiply activations: matrices, minus lookup-only position tables."""
-  params = nnx.state(model, nnx.Param)
-  total = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
-  pos = getattr(model, "pos_embed", None)
-  return total - (pos.embedding.value.size if pos is not None else 0)
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """What `finish` writes to samples.txt: `count` continuations of `prompt`."""
+  prompt: str = "\n"
+  num_tokens: int = 500
+  count: int = 3
+  temperature: float = 0.8
+  top_k: int = 200  # 0: no top-k cut
 
 
 def char_lm_task(config, model: nnx.Module, tokenizer: CharTokenizer,
-                 tokens: dict[str, np.ndarray], *, context: int) -> Task:
-  """Trains on random windows of `train`, evaluates on fixed windows of `val`, writes samples."""
+                 tokens: dict[str, np.ndarray], *, context: int, eval_batches: int,
+                 sample: Sampling | None = None) -> Task:
+  """Trains on random windows of `train`, evaluates on `eval_batches` fixed windows of `val`,
+  writes samples (none if `sample` is None). `config` gives batch_size and seed; the model's
+  `flops_per_token(context)`, if it has one, gives MFU."""
   train = LMBatches(tokens["train"], context, config.batch_size, config.seed)
   val = LMBatches(tokens["val"], context, config.batch_size, seed=10_000 + config.seed)
 
-  def eval_batches(shard):
-    return (val(i, shard) for i in range(config.eval_batches))
+  def eval_data(shard):
+    return (val(i, shard) for i in range(eval_batches))
 
   def finish(model, workdir: Path):
-    s = config.sample
+    s = sample
     prompt_1xP = jnp.asarray(tokenizer.encode(s.prompt))[None]
     keys = jax.random.split(jax.random.key(config.seed), s.count)
     texts = [tokenizer.decode(generate(model, prompt_1xP, s.num_tokens, key=k,
@@ -59,10 +64,8 @@ def char_lm_task(config, model: nnx.Module, tokenizer: CharTokenizer,
   return Task(
       model=model, loss_fn=next_token_loss,
       train_data=train,
-      eval_data={"val": eval_batches}, finish=finish,
+      eval_data={"val": eval_data}, finish=finish if sample else None, tokenizer=tokenizer,
       tokens_per_batch=config.batch_size * context,
-      flops_per_token=(flops.transformer_flops_per_token(
-          matmul_params=matmul_params(model), num_layers=config.model.num_layers,
-          context=context, embed_dim=config.model.embed_dim)
-          if hasattr(model, "blocks") else 6 * matmul_params(model)))
+      flops_per_token=(model.flops_per_token(context) if hasattr(model, "flops_per_token")
+                       else None))
 

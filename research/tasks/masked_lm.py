@@ -28,9 +28,8 @@ from research.data.batching import padded_batches, shard_slice
 from research.data.subword import EOS, PAD
 from research.data.text_classification import LengthBucketedBatches, trim_padding
 from research.models.encoder import Encoder, MaskedLM
-from research.train import loop, optim
-from research.train.checkpoint import Checkpoints
-from research.train.step import init_state
+from research.load import load_model
+from research.train import loop
 from research.train.task import Task
 
 FIRST_REAL_ID = EOS + 1  # random replacements are real subwords, never PAD/UNK/BOS/EOS
@@ -70,9 +69,11 @@ def mlm_loss(model, batch, rngs=None):
 
 
 def mlm_task(config, model: MaskedLM, train_NxT: np.ndarray, val_NxT: np.ndarray, *,
-             mask_id: int, vocab_size: int, trim_multiple: int = 16) -> Task:
-  """MLM on rows of token ids (right-padded); `val` is masked once, with fixed seeds."""
-  rate, bs = config.pretrain.mask_rate, config.batch_size
+             mask_id: int, vocab_size: int, mask_rate: float = 0.15,
+             trim_multiple: int = 16) -> Task:
+  """MLM on rows of token ids (right-padded); `val` is masked once, with fixed seeds. `config`
+  gives batch_size and seed."""
+  rate, bs = mask_rate, config.batch_size
   batches = LengthBucketedBatches({"tokens": train_NxT}, (train_NxT != PAD).sum(1), bs, config.seed)
 
   def corrupt(tokens_BxT, seed):
@@ -116,9 +117,10 @@ def phase_config(config, overrides: dict, workdir: Path) -> ml_collections.Confi
 
 def pretrain_encoder(config, encoder: Encoder, train_NxT: np.ndarray, val_NxT: np.ndarray, *,
                      mask_id: int, vocab_size: int, experiment: str, trim_multiple: int = 16) -> None:
-  """Runs `config.pretrain` (steps, batch_size, learning_rate, ..., mask_rate) of MLM in
-  `<workdir>/pretrain` and copies the result into `encoder`. Skipped when steps is 0, or when
-  the fine-tuning run already has a checkpoint (it replaces these weights anyway)."""
+  """Runs `config.pretrain` (steps, batch_size, learning_rate, ..., mask_rate; the optimizer is
+  `config.optimizer`) of MLM in `<workdir>/pretrain` and copies the result into `encoder`.
+  Skipped when steps is 0, or when the fine-tuning run already has a checkpoint (it replaces
+  these weights anyway)."""
   p = config.pretrain
   workdir = Path(config.workdir)
   if p.steps == 0 or _has_checkpoint(workdir / "checkpoints"):
@@ -126,13 +128,11 @@ def pretrain_encoder(config, encoder: Encoder, train_NxT: np.ndarray, val_NxT: n
   sub = phase_config(config, p.to_dict(), workdir / "pretrain")
   model = MaskedLM(encoder.cfg, rngs=nnx.Rngs(config.seed))
   results = loop.train(mlm_task(sub, model, train_NxT, val_NxT, mask_id=mask_id,
-                                vocab_size=vocab_size, trim_multiple=trim_multiple),
+                                vocab_size=vocab_size, mask_rate=p.mask_rate,
+                                trim_multiple=trim_multiple),
                        sub, experiment=f"{experiment}/pretrain")
   val = results.get("val", {})
   print(f"pretrained ({sub.workdir}): MLM val loss={val.get('loss', float('nan')):.4f}, "
         f"accuracy={val.get('accuracy', float('nan')):.4f}", file=sys.stderr)
-  graphdef, state = init_state(model, optim.make_optimizer(sub))
-  checkpoints = Checkpoints(workdir / "pretrain" / "checkpoints", sub.keep_checkpoints)
-  restored = checkpoints.restore_latest(state)
-  checkpoints.close()
-  nnx.update(encoder, nnx.state(nnx.merge(graphdef, restored.params, restored.rest).encoder))
+  pretrained, _, _ = load_model(workdir / "pretrain")
+  nnx.update(encoder, nnx.state(pretrained.encoder))

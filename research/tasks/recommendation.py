@@ -142,13 +142,14 @@ def summarize(split: str, outputs: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def recommendation_task(config, model, split: movielens.LeaveOneOut, num_items: int,
-                        objective: str) -> Task:
-  max_len = config.model.max_len
+                        objective: str, *, max_len: int, eval_batch_size: int) -> Task:
+  """Trains `model` with `objective` on histories of up to `max_len` items and evaluates the
+  leave-one-out `val` and `test` items. `config` gives batch_size and seed."""
   train = train_batches(split, num_items, objective, max_len=max_len,
                         batch_size=config.batch_size, seed=config.seed)
   evals = {which: eval_arrays(split, num_items, which, max_len) for which in ("val", "test")}
   return Task(
       model=model, loss_fn=OBJECTIVES[objective], train_data=train,
-      eval_data={which: (lambda shard, a=arrays: padded_batches(a, config.eval_batch_size, shard))
+      eval_data={which: (lambda shard, a=arrays: padded_batches(a, eval_batch_size, shard))
                  for which, arrays in evals.items()},
       eval_fn=eval_fn, summarize=summarize)

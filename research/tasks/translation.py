@@ -20,7 +20,7 @@ from flax import nnx
 
 from research.config import ConfigError
 from research.data.batching import Shard, padded_batches, shard_slice
-from research.data.subword import BOS, EOS, PAD, SubwordTokenizer
+from research.data.subword import BOS, EOS, PAD, SubwordTokenizer, TokenizerPair
 from research.models.beam_search import beam_search, greedy_search, repeat_beams
 from research.train.task import Task
 
@@ -190,16 +190,18 @@ class Translator:
 
 
 def translation_task(config, model: nnx.Module, translator: Translator,
-                     splits: dict[str, dict[str, list[str]]]) -> Task:
-  """`splits`: name -> lang -> sentences: `train`, and the splits to evaluate."""
-  data = config.data
-  src, tgt = data.src_lang, data.tgt_lang
+                     splits: dict[str, dict[str, list[str]]], *, src_lang: str, tgt_lang: str,
+                     max_len: int, buckets: tuple[int, ...] = (), eval_batch_size: int,
+                     label_smoothing: float = 0.0) -> Task:
+  """`splits`: name -> lang -> sentences: `train`, and the splits to evaluate. Pairs are cut
+  to `max_len` tokens and batched by length `buckets`. `config` gives batch_size and seed."""
+  src, tgt = src_lang, tgt_lang
   encode = lambda s: encode_pairs(translator.src_tok, translator.tgt_tok, s[src], s[tgt],
-                                  data.max_len)
-  train = BucketedBatches(encode(splits["train"]), config.batch_size, config.seed, data.buckets)
+                                  max_len)
+  train = BucketedBatches(encode(splits["train"]), config.batch_size, config.seed, buckets)
   evals = {name: s for name, s in splits.items() if name != "train"}
-  if config.eval_batch_size % jax.device_count():
-    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the "
+  if eval_batch_size % jax.device_count():
+    raise ConfigError(f"eval batch size {eval_batch_size} is not divisible by the "
                       f"{jax.device_count()} devices")
   eval_arrays = {name: encode(s) for name, s in evals.items()}
   last = {}  # the newest translations, written out by `finish`
@@ -219,10 +221,11 @@ def translation_task(config, model: nnx.Module, translator: Translator,
   # Source and target tokens (not padding; BOS and EOS once) of an average batch.
   real_tokens = sum((a != PAD).mean(0).sum() for a in train.arrays.values()) - 1
   return Task(
-      model=model, loss_fn=make_loss_fn(config.label_smoothing),
+      model=model, loss_fn=make_loss_fn(label_smoothing),
       train_data=train,
-      eval_data={name: functools.partial(padded_batches, a, config.eval_batch_size)
+      eval_data={name: functools.partial(padded_batches, a, eval_batch_size)
                  for name, a in eval_arrays.items()},
-      eval_fn=make_eval_fn(config.label_smoothing), summarize=summarize,
+      eval_fn=make_eval_fn(label_smoothing), summarize=summarize,
       evaluate=evaluate, finish=finish,
-      tokens_per_batch=int(real_tokens * config.batch_size))
+      tokens_per_batch=int(real_tokens * config.batch_size),
+      tokenizer=TokenizerPair(translator.src_tok, translator.tgt_tok))

@@ -24,7 +24,7 @@ from research import config as config_lib
 from research import flops, sharding
 from research.evaluate.plots import plot_metrics
 from research.evaluate.writer import MetricWriter, read_metrics
-from research.nn import attention
+from research.load import write_run_description
 from research.train import optim
 from research.train.checkpoint import Checkpoints
 from research.train.step import TrainState, init_state, make_eval_step, make_train_step
@@ -142,11 +142,6 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
   """Trains `task` to `config.steps`, resuming from `config.workdir`; returns the last eval."""
   mesh = sharding.make_mesh()
   config_lib.validate(config, mesh.size)
-  if "model" in config and "attention" in config.model:
-    try:
-      attention.check_supported(config.model.attention)
-    except ValueError as e:
-      raise config_lib.ConfigError(str(e)) from None
   started = time.perf_counter()
   workdir = Path(config.workdir)
   is_main = jax.process_index() == 0
@@ -155,6 +150,8 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
   graphdef, host_state = init_state(task.model, tx)
   state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(host_state))
   _prepare_workdir(workdir, config, experiment, state_bytes)
+  if is_main:  # model.json and tokenizer/: what research.load.load_model rebuilds it from
+    write_run_description(workdir, task.model, task.tokenizer)
 
   shardings = sharding.state_shardings(host_state, mesh, config.parallelism)
   state = _place(host_state, shardings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from flax import nnx
@@ -34,3 +34,6 @@ class Task:
   tokens_per_batch: int | None = None  # for tokens_per_second on train lines
   flops_per_token: float | None = None  # training FLOPs per token, for MFU
   log_x: bool = False  # plot metrics against log(step)
+  # What turns text into the model's ids (an object with `save(directory)`, read back by
+  # `research.load.load_tokenizer`); saved in the run folder's `tokenizer/`. None: ids only.
+  tokenizer: Any = None
