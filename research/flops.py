@@ -50,9 +50,3 @@ def matmul_params(model: nnx.Module) -> int:
   total = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
   pos = getattr(model, "pos_embed", None)
   return total - (pos.embedding.value.size if pos is not None else 0)
-
-
-def recurrent_flops_per_token(model: nnx.Module) -> float:
-  """Training FLOPs per token of a model whose every matrix is used once per token (an RNN):
-  6 per matmul parameter."""
-  return 6 * matmul_params(model)

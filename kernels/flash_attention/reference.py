@@ -41,12 +41,10 @@ def visible_mask(seq_q: int, seq_k: int, *, causal: bool, q_seg_BxT=None, kv_seg
   return mask
 
 
-def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, causal=False, segment_ids=None,
-              sm_scale=None):
-  """Returns (out [B, T, H, D] in q's dtype, lse [B, H, T] in float32 or wider).
+def probabilities(q_BxTxHxD, k_BxSxKxD, *, causal=False, segment_ids=None, sm_scale=None):
+  """Returns (softmax weights p [B, H, T, S], lse [B, H, T]), both float32 or wider.
 
-  Computed in float32 (float64 for float64 inputs). Rows that see no key at all
-  (from segment ids) output 0 and have lse = -inf.
+  Rows that see no key at all (from segment ids) have p = 0 and lse = -inf.
   """
   _, T, H, D = q_BxTxHxD.shape
   S, K = k_BxSxKxD.shape[1:3]
@@ -54,7 +52,6 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, causal=False, segment_ids=None
   dtype = jnp.promote_types(q_BxTxHxD.dtype, jnp.float32)
   scale = D ** -0.5 if sm_scale is None else sm_scale
   k_BxSxHxD = jnp.repeat(k_BxSxKxD, H // K, axis=2).astype(dtype)
-  v_BxSxHxD = jnp.repeat(v_BxSxKxD, H // K, axis=2).astype(dtype)
   s_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD.astype(dtype), k_BxSxHxD,
                          precision="highest") * scale
   mask = visible_mask(T, S, causal=causal, q_seg_BxT=q_seg, kv_seg_BxS=kv_seg)
@@ -65,6 +62,23 @@ def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, causal=False, segment_ids=None
   e_BxHxTxS = jnp.exp(s_BxHxTxS - m_BxHxTx1)
   l_BxHxTx1 = e_BxHxTxS.sum(axis=-1, keepdims=True)
   p_BxHxTxS = e_BxHxTxS / jnp.where(l_BxHxTx1 == 0, 1.0, l_BxHxTx1)
-  out = jnp.einsum("bhts,bshd->bthd", p_BxHxTxS, v_BxSxHxD, precision="highest")
-  lse_BxHxT = (m_BxHxTx1 + jnp.log(l_BxHxTx1))[..., 0]
-  return out.astype(q_BxTxHxD.dtype), lse_BxHxT
+  return p_BxHxTxS, (m_BxHxTx1 + jnp.log(l_BxHxTx1))[..., 0]
+
+
+def attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, causal=False, segment_ids=None,
+              sm_scale=None):
+  """Returns (out [B, T, H, D] in q's dtype, lse [B, H, T] in float32 or wider).
+
+  Computed in float32 (float64 for float64 inputs). Rows that see no key at all
+  (from segment ids) output 0 and have lse = -inf.
+  """
+  p_BxHxTxS, lse_BxHxT = probabilities(q_BxTxHxD, k_BxSxKxD, causal=causal,
+                                       segment_ids=segment_ids, sm_scale=sm_scale)
+  return weighted_values(p_BxHxTxS, v_BxSxKxD).astype(q_BxTxHxD.dtype), lse_BxHxT
+
+
+def weighted_values(p_BxHxTxS, v_BxSxKxD):
+  """sum_s p[b, h, t, s] v[b, s, kv head of h] -> [B, T, H, D] in p's dtype."""
+  H, K = p_BxHxTxS.shape[1], v_BxSxKxD.shape[2]
+  v_BxSxHxD = jnp.repeat(v_BxSxKxD, H // K, axis=2).astype(p_BxHxTxS.dtype)
+  return jnp.einsum("bhts,bshd->bthd", p_BxHxTxS, v_BxSxHxD, precision="highest")

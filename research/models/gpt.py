@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research import flops
 from research.nn.attention import MultiHeadAttention
 
 
@@ -137,7 +138,6 @@ class GPT(nnx.Module):
   def flops_per_token(self, context: int | None = None, *, causal: bool = True) -> float:
     """Training FLOPs per token on windows of `context` tokens (default block_size): 6 per
     matmul parameter plus attention (`research.flops.transformer_flops_per_token`)."""
-    from research import flops
     return flops.transformer_flops_per_token(
         matmul_params=flops.matmul_params(self), num_layers=self.cfg.num_layers,
         context=context or self.cfg.block_size, embed_dim=self.cfg.embed_dim, causal=causal)

@@ -94,4 +94,4 @@ class LSTMLM(nnx.Module):
   def flops_per_token(self, context: int | None = None) -> float:
     """Training FLOPs per token: every matrix once per token, whatever the context."""
     del context
-    return flops.recurrent_flops_per_token(self)
+    return 6 * flops.matmul_params(self)

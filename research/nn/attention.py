@@ -61,48 +61,34 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
       only `xla`, `cudnn` and `auto` (which then picks XLA) take one.
     implementation: see `kernels.flash_attention.flash_attention`.
     return_weights: also return the softmax weights [B, H, T, S], computed explicitly in
-      float32 on XLA (whatever `implementation` says: only that path has them).
+      float32 by `kernels.flash_attention.reference` (whatever `implementation` says: only
+      that path has them); no dense mask then.
 
   Returns:
     [B, T, H, D] in q's dtype, or (that, weights) with `return_weights`.
   """
   check_supported(implementation)
   if return_weights:
-    return _explicit_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, segment_ids,
-                               mask_BxHxTxS)
+    if mask_BxHxTxS is not None:
+      raise ValueError("return_weights takes causal and segment-id masks, not a dense mask")
+    # The kernels' plain-JAX reference: the one path that materializes the weights.
+    weights_BxHxTxS, _ = reference.probabilities(q_BxTxHxD, k_BxSxKxD, causal=causal,
+                                                 segment_ids=segment_ids)
+    out_BxTxHxD = reference.weighted_values(weights_BxHxTxS, v_BxSxKxD)
+    return out_BxTxHxD.astype(q_BxTxHxD.dtype), weights_BxHxTxS
   if mask_BxHxTxS is None:
     return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
                            segment_ids=segment_ids, implementation=implementation)
   if implementation == "pallas":
     raise ValueError("attention implementation 'pallas' takes causal and segment-id masks, "
                      "not a dense mask; use xla or cudnn for this call")
-  mask = _full_mask(q_BxTxHxD.shape[1], k_BxSxKxD.shape[1], False, segment_ids, mask_BxHxTxS)
+  T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
+  q_seg, kv_seg = reference.split_segment_ids(segment_ids, T, S)
+  segments = reference.visible_mask(T, S, causal=False, q_seg_BxT=q_seg, kv_seg_BxS=kv_seg)
+  mask = mask_BxHxTxS if segments is None else segments & mask_BxHxTxS
   return jax.nn.dot_product_attention(
       q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask=mask, is_causal=causal,
       implementation="cudnn" if implementation == "cudnn" else "xla")
-
-
-def _full_mask(T, S, causal, segment_ids, mask_BxHxTxS):
-  q_seg, kv_seg = reference.split_segment_ids(segment_ids, T, S)
-  mask = reference.visible_mask(T, S, causal=causal, q_seg_BxT=q_seg, kv_seg_BxS=kv_seg)
-  if mask_BxHxTxS is not None:
-    mask = mask_BxHxTxS if mask is None else mask & mask_BxHxTxS
-  return mask
-
-
-def _explicit_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal, segment_ids, mask_BxHxTxS):
-  T, H, D = q_BxTxHxD.shape[1:]
-  S, K = k_BxSxKxD.shape[1:3]
-  k_BxSxHxD = jnp.repeat(k_BxSxKxD, H // K, axis=2).astype(jnp.float32)
-  v_BxSxHxD = jnp.repeat(v_BxSxKxD, H // K, axis=2).astype(jnp.float32)
-  logits_BxHxTxS = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD.astype(jnp.float32),
-                              k_BxSxHxD) * D ** -0.5
-  mask = _full_mask(T, S, causal, segment_ids, mask_BxHxTxS)
-  if mask is not None:
-    logits_BxHxTxS = jnp.where(mask, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-  weights_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
-  out_BxTxHxD = jnp.einsum("bhts,bshd->bthd", weights_BxHxTxS, v_BxSxHxD)
-  return out_BxTxHxD.astype(q_BxTxHxD.dtype), weights_BxHxTxS
 
 
 def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array) -> jax.Array:
