@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from research import config as config_lib
-from research.data.batching import padded_batches, shard_slice
+from research.data.batching import padded_batches
 from research.evaluate.writer import read_metrics
 from research.interpret import fourier
 from research.models.gpt import GPT, GPTConfig
@@ -111,9 +111,9 @@ def build(config):
            for k, v in data["train"].items()}
   batch["weight"] = np.r_[np.ones(n), np.zeros(pad)].astype(np.float32) * config.batch_size / n
 
-  def train_data(step, shard):
+  def train_data(step):
     del step
-    return {k: v[shard_slice(config.batch_size, shard)] for k, v in batch.items()}
+    return batch
 
   model = GPT(GPTConfig(**config.model, vocab_size=d.p + 1, block_size=3,
                         dtype=config.compute_dtype), rngs=nnx.Rngs(config.seed))
@@ -170,5 +170,5 @@ def build(config):
 
   val = data["val"]
   return Task(model=model, loss_fn=loss_fn, train_data=train_data,
-              eval_data={"val": lambda shard: padded_batches(val, config.batch_size, shard)},
+              eval_data={"val": lambda: padded_batches(val, config.batch_size)},
               eval_fn=eval_fn, summarize=summarize, evaluate=evaluate, finish=finish, log_x=True)

@@ -28,7 +28,6 @@ import optax
 from flax import nnx
 
 from research import config as config_lib
-from research.data.batching import shard_slice
 from research.evaluate.writer import read_metrics
 from research.interpret import scores
 from research.interpret.attention import attention_maps, plot_attention
@@ -93,12 +92,11 @@ def build(config):
   model = GPT(GPTConfig(**config.model, vocab_size=d.vocab_size, block_size=d.context,
                         dtype=config.compute_dtype), rngs=nnx.Rngs(config.seed))
 
-  def train_data(step, shard):
+  def train_data(step):
     rng = np.random.default_rng([config.seed, step])
     n_B = rng.integers(d.min_segment, d.context // 2 + 1, size=config.batch_size)
     tokens_BxT1 = repeated_segments(rng, config.batch_size, d.context, d.vocab_size, n_B)
-    rows = shard_slice(config.batch_size, shard)
-    return {"inputs": tokens_BxT1[rows, :-1], "targets": tokens_BxT1[rows, 1:]}
+    return {"inputs": tokens_BxT1[:, :-1], "targets": tokens_BxT1[:, 1:]}
 
   val_n = d.context // 2
   val_batches = []
@@ -165,8 +163,7 @@ def build(config):
     (workdir / "phase_change.json").write_text(json.dumps(summary, indent=2) + "\n")
 
   return Task(model=model, loss_fn=loss_fn, train_data=train_data,
-              eval_data={"val": lambda shard: ({k: v[shard_slice(config.batch_size, shard)]
-                                               for k, v in b.items()} for b in val_batches)},
+              eval_data={"val": lambda: iter(val_batches)},
               eval_fn=eval_fn, summarize=summarize, finish=finish,
               tokens_per_batch=config.batch_size * d.context)
 

@@ -24,10 +24,11 @@ from flax import nnx
 from research import config as config_lib
 from research.config import ConfigError
 from research.data import multi30k
-from research.load import load_model
+from research.data.subword import TokenizerPair
+from research.load import load_model, saved_tokenizer
 from research.models.lstm_seq2seq import LSTMSeq2Seq, LSTMSeq2SeqConfig
 from research.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from research.tasks.translation import Translator, load_tokenizers, translation_task
+from research.tasks.translation import Translator, train_tokenizers, translation_task
 
 VARIANTS = ("transformer", "lstm", "tiny")
 
@@ -84,9 +85,9 @@ def _splits(config) -> dict[str, dict[str, list[str]]]:
           for name, split in SPLITS.items()}
 
 
-def _translator(config, tokenizers) -> Translator:
+def _translator(config, tokenizers: TokenizerPair) -> Translator:
   d = config.decode
-  return Translator(*tokenizers, max_len=config.data.max_len, beam_size=d.beam_size, alpha=d.alpha,
+  return Translator(tokenizers.source, tokenizers.target, max_len=config.data.max_len, beam_size=d.beam_size, alpha=d.alpha,
                     batch_size=d.batch_size)
 
 
@@ -104,10 +105,11 @@ def _model(config, src_vocab: int, tgt_vocab: int) -> nnx.Module:
 
 def build(config):
   splits = _splits(config)
-  tokenizers = load_tokenizers(config.workdir, config.data, splits["train"])
-  model = _model(config, tokenizers[0].vocab_size, tokenizers[1].vocab_size)
+  # Trained on first use; a resumed run reads back the one its folder holds.
+  pair = saved_tokenizer(config.workdir) or train_tokenizers(config.data, splits["train"])
+  model = _model(config, pair.source.vocab_size, pair.target.vocab_size)
   d = config.data
-  return translation_task(config, model, _translator(config, tokenizers), splits,
+  return translation_task(config, model, _translator(config, pair), splits,
                           src_lang=d.src_lang, tgt_lang=d.tgt_lang, max_len=d.max_len,
                           buckets=tuple(d.buckets), eval_batch_size=config.eval_batch_size,
                           label_smoothing=config.label_smoothing)
@@ -123,7 +125,7 @@ def translate(argv: list[str]) -> int:
   model, tokenizers, config = load_model(args.workdir)
   if tokenizers is None:  # a run written before runs saved their tokenizer in tokenizer/
     raise ConfigError(f"{args.workdir} has no tokenizer/ folder")
-  translator = _translator(config, (tokenizers.source, tokenizers.target))
+  translator = _translator(config, tokenizers)
   if args.beam_size is not None:
     if args.beam_size < 1:
       raise ConfigError(f"--beam_size must be >= 1, got {args.beam_size}")

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import ml_collections
 
+from research.models import gpt
 from research.nn import attention as nn_attention
 from research.train import optim
 
@@ -37,9 +38,15 @@ def base() -> ml_collections.ConfigDict:
   c.steps = 1000
   c.batch_size = 32
   c.learning_rate = 1e-3
-  c.min_learning_rate = 1e-4  # end of the cosine decay
+  c.min_learning_rate = 1e-4  # end of the decay
   c.warmup_steps = 100
-  c.decay_steps = 0  # length of the cosine decay; 0 = steps
+  c.decay_steps = 0  # step at which the decay ends (warmup included); 0 = steps
+  # The learning-rate schedule (research.train.optim.SCHEDULES): "cosine" decay after the
+  # warmup, or "wsd": warmup, stable, then decay over the last `decay_fraction` of decay_steps,
+  # linearly or "1-sqrt" (`decay_shape`); decay_fraction=0 stays at learning_rate.
+  c.schedule = "cosine"
+  c.decay_fraction = 0.2  # wsd only
+  c.decay_shape = "linear"  # wsd only
   # `name` and that optimizer's own fields; setting another name resets them to its defaults.
   c.optimizer = optim.optimizer_fields("adamw")
   c.grad_clip = 1.0
@@ -61,6 +68,24 @@ def base() -> ml_collections.ConfigDict:
   c.num_processes = 1
   c.process_id = 0
   return c
+
+
+def phase_config(config: ml_collections.ConfigDict, name: str,
+                 overrides: dict) -> ml_collections.ConfigDict:
+  """The config of a phase run (`research.train.task.Phase`) of `config`: its `base()` fields
+  with `overrides` (keys that are not `base()` fields are the phase's own, and ignored here),
+  its model and data sections, and the workdir `<workdir>/<name>`."""
+  sub = base()
+  for key in sub:
+    sub[key] = config[key]
+  for key, value in overrides.items():
+    if key in sub:
+      sub[key] = value
+  sub.workdir = os.path.join(config.workdir, name)
+  for section in ("model", "data", "pretrain"):
+    if section in config:
+      sub[section] = config[section]
+  return sub
 
 
 def model_config(cls, *, exclude: Sequence[str] = (), **values) -> ml_collections.ConfigDict:
@@ -202,6 +227,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
             f"config.{key} must be a finite non-negative number, got {value!r}")
   _validate_optimizer(config.get("optimizer"))
+  require(config.get("schedule") in optim.SCHEDULES,
+          f"unknown config.schedule {config.get('schedule')!r}; valid names: "
+          f"{', '.join(optim.SCHEDULES)}")
+  require(config.decay_shape in optim.DECAY_SHAPES,
+          f"unknown config.decay_shape {config.decay_shape!r}; valid names: "
+          f"{', '.join(optim.DECAY_SHAPES)}")
+  fraction = config.decay_fraction
+  require(isinstance(fraction, (int, float)) and 0 <= fraction <= 1,
+          f"config.decay_fraction must be between 0 and 1, got {fraction!r}")
   require(config.learning_rate > 0, f"config.learning_rate must be > 0, got {config.learning_rate}")
   require(config.parallelism in PARALLELISM,
           f"unknown config.parallelism {config.parallelism!r}; choose one of {', '.join(PARALLELISM)}")
@@ -221,6 +255,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     kinds = [k for k, v in model.items() if isinstance(v, ml_collections.ConfigDict)]
     require(model.kind in kinds,
             f"unknown config.model.kind {model.kind!r}; valid names: {', '.join(kinds)}")
+  activation = model_section(config).get("mlp_activation")
+  if activation is not None:
+    require(activation in gpt.MLP_ACTIVATIONS,
+            f"unknown config.model.mlp_activation {activation!r}; valid names: "
+            f"{', '.join(gpt.MLP_ACTIVATIONS)}")
   attention = model_section(config).get("attention")
   if attention is not None:
     try:

@@ -124,10 +124,12 @@ def write_run_description(workdir: Path, model: nnx.Module, tokenizer=None) -> N
 
 def load_tokenizer(directory: str | Path):
   """The tokenizer saved in `directory` by its class's `save`, whichever kind it is."""
+  from research.data.hf_tokenizer import HFTokenizer
   from research.data.subword import SubwordTokenizer, TokenizerPair
   from research.data.text import CharTokenizer
 
-  kinds = {"char": CharTokenizer, "sentencepiece": SubwordTokenizer, "pair": TokenizerPair}
+  kinds = {"char": CharTokenizer, "sentencepiece": SubwordTokenizer, "pair": TokenizerPair,
+           "hf_tokenizers": HFTokenizer}
   path = Path(directory) / "tokenizer.json"
   if not path.exists():
     raise ConfigError(f"{directory} holds no tokenizer (no tokenizer.json)")
@@ -137,10 +139,17 @@ def load_tokenizer(directory: str | Path):
   return kinds[kind].load(directory)
 
 
+def saved_tokenizer(workdir: str | Path):
+  """The tokenizer a run folder already holds (a resumed run reuses it), or None."""
+  directory = Path(workdir) / TOKENIZER_DIR
+  return load_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
+
+
 def load_model(workdir: str | Path):
   """(model, tokenizer or None, config) of a run folder: the model rebuilt from model.json with
   the newest checkpoint's parameters (optimizer state not read), the saved tokenizer, and the
   run's config.json as a ConfigDict (with its `experiment` name). Reads no dataset."""
+  from research.train import optim
   from research.train.checkpoint import Checkpoints
 
   workdir = Path(workdir)
@@ -155,22 +164,28 @@ def load_model(workdir: str | Path):
     raise ConfigError(f"{workdir} has no {MODEL_FILE} (the run was written before run folders "
                       f"described their model, or its model is not built as Cls(cfg, *, rngs)); "
                       f"train it again to load it")
+  config = ml_collections.ConfigDict(saved)
   abstract = build_abstract(json.loads((workdir / MODEL_FILE).read_text()))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda tree: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree.to_pure_dict())
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  params, rest = place(params.to_pure_dict()), place(rest.to_pure_dict())
+  # The optimizer state is read only where the model to use lives in it (schedule-free's average).
+  opt_state = None
+  if optim.evaluates_its_average(config):
+    opt_state = place(jax.eval_shape(optim.make_optimizer(config).init, params))
   if not (workdir / "checkpoints").is_dir():
     raise ConfigError(f"{workdir} has no checkpoint to load")
   checkpoints = Checkpoints(workdir / "checkpoints", keep=1, read_only=True)
   try:
-    restored = checkpoints.restore_model(place(params), place(rest))
+    restored = checkpoints.restore_model(params, rest, opt_state)
   finally:
     checkpoints.close()
   if restored is None:
     raise ConfigError(f"{workdir} has no checkpoint to load")
-  params, rest, _ = restored
-  model = nnx.merge(graphdef, params, rest)
+  params = optim.eval_params(config)(restored["params"], restored["opt_state"])
+  model = nnx.merge(graphdef, params, restored["rest"])
   tokenizer = (load_tokenizer(workdir / TOKENIZER_DIR) if (workdir / TOKENIZER_DIR).is_dir()
                else None)
-  return model, tokenizer, ml_collections.ConfigDict(saved)
+  return model, tokenizer, config

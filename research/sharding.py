@@ -72,7 +72,15 @@ def state_shardings(state, mesh: Mesh, parallelism: str):
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), state)
 
 
-def global_batch(local_batch, mesh: Mesh):
-  """Assembles each process's rows of a batch into global arrays split over the data axis."""
+def global_batch(batch, mesh: Mesh):
+  """A whole batch (the same on every process) as global arrays split over the data axis;
+  each process copies only the rows of its own devices."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+  def place(x):
+    x = np.asarray(x)
+    if x.shape[0] % mesh.size:
+      raise ValueError(f"a batch of {x.shape[0]} rows does not split over {mesh.size} devices")
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, batch)

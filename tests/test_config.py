@@ -57,7 +57,7 @@ def test_unknown_model_field_is_refused_with_the_valid_names(no_build, capsys, t
   error = refused(capsys, "sst2_sentiment:tiny", f"--config.workdir={tmp_path}",
                   "--config.model.kind=cnn")
   assert "unknown config.model.kind 'cnn'; valid names: " in error
-  assert set(error.split("valid names: ")[1].split(", ")) == {"transformer", "bilstm"}
+  assert set(error.split("valid names: ")[1].split(", ")) == {"transformer", "bilstm", "bert"}
 
 
 def test_unknown_optimizer_is_refused_with_the_valid_names(no_build, capsys, tmp_path):

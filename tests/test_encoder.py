@@ -11,10 +11,13 @@ from flax import nnx
 
 from research import config as config_lib
 from research.data.subword import EOS, PAD, SubwordTokenizer
+from research.load import load_tokenizer
 from research.models.bilstm import BiLSTMClassifier, BiLSTMConfig, reverse_within_length
 from research.models.encoder import Encoder, EncoderClassifier, EncoderConfig, MaskedLM
 from research.models.mlp import MLP, MLPConfig
-from research.tasks.masked_lm import FIRST_REAL_ID, mask_tokens, pretrain_encoder
+from research.tasks.masked_lm import FIRST_REAL_ID, mask_tokens, mlm_phase
+from research.train import loop
+from research.train.task import Task
 
 V = 50
 
@@ -123,12 +126,17 @@ def test_masked_lm_logits_at_positions():
   cfg = EncoderConfig(vocab_size=V + 1, max_len=16, num_layers=1, num_heads=2, embed_dim=16)
   mlm = MaskedLM(cfg, rngs=nnx.Rngs(0))
   tokens = _tokens(T=10)
-  positions = jnp.asarray([[0, 1], [0, 0], [1, 0], [0, 0]])
+  positions = jnp.asarray([[0, 1], [0, 0], [7, 3], [9, 2]])
   logits = nnx.jit(lambda model, t, p: model(t, p))(mlm, tokens, positions)
   assert logits.shape == (4, 2, V + 1)
+  # The same as every position's logits, picked at `positions`, row by row.
+  every = mlm(tokens, jnp.broadcast_to(jnp.arange(10), (4, 10)))
+  np.testing.assert_allclose(logits, np.take_along_axis(np.asarray(every),
+                                                        np.asarray(positions)[..., None], axis=1),
+                             rtol=1e-5, atol=1e-5)
 
 
-def test_pretrain_encoder_loads_the_mlm_weights(tmp_path):
+def test_mlm_phase_trains_in_its_folder_and_hands_its_encoder_over(tmp_path):
   """The MLM phase runs in <workdir>/pretrain and its encoder becomes the classifier's."""
   c = config_lib.base()
   c.update(workdir=str(tmp_path), batch_size=16, progress_bar=False, log_every=1, eval_every=2)
@@ -140,8 +148,10 @@ def test_pretrain_encoder_loads_the_mlm_weights(tmp_path):
   classifier = EncoderClassifier(cfg, rngs=nnx.Rngs(0))
   before = jax.tree.map(np.array, nnx.state(classifier.encoder, nnx.Param).to_pure_dict())
   tokens = np.asarray(_tokens(seed=2, B=64, T=16))
-  pretrain_encoder(c, classifier.encoder, tokens, tokens[:16], mask_id=V, vocab_size=V,
-                   experiment="test")
+  phase = mlm_phase(c, classifier.encoder, tokens, tokens[:16], mask_id=V, vocab_size=V)
+  assert phase.config.workdir == str(tmp_path / "pretrain")
+  loop.run_phases(Task(model=classifier, loss_fn=None, train_data=None, phases=(phase,)),
+                  tmp_path, "test")
   after = nnx.state(classifier.encoder, nnx.Param).to_pure_dict()
   assert (tmp_path / "pretrain" / "metrics.jsonl").exists()
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), before, after))
@@ -162,7 +172,7 @@ def test_tokenizer_round_trip(tokenizer, tmp_path):
   batch = tokenizer.encode_batch(["the movie was great", "a"], max_len=4, eos=True)
   assert batch.shape == (2, 4) and batch[0, -1] == EOS  # truncated, EOS kept
   assert tokenizer.decode(batch[1]) == "a" and (batch[1, np.argmax(batch[1] == EOS) + 1:] == PAD).all()
-  path = tmp_path / "sp.model"
-  saved = SubwordTokenizer.train_or_load(path, ["unused"], 60)  # trains (no file yet)...
-  loaded = SubwordTokenizer.train_or_load(path, [], 60)  # ...then loads the saved model
-  assert loaded.encode("the movie") == saved.encode("the movie")
+  tokenizer.save(tmp_path / "tokenizer")
+  loaded = load_tokenizer(tmp_path / "tokenizer")
+  assert loaded.model_bytes == tokenizer.model_bytes
+  assert loaded.encode("the movie") == tokenizer.encode("the movie")

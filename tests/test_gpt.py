@@ -103,8 +103,22 @@ def test_greedy_generation_equals_argmax_of_full_forward(make):
 
 
 def test_generation_beyond_the_context_keeps_going():
-  out = generate(gpt(), tokens(B=1, length=2), 3 * T, key=jax.random.key(1), top_k=3)
-  assert out.shape == (1, 2 + 3 * T) and int(out.max()) < V
+  model = gpt()
+  # Weights 30x their init: logits that depend on the whole window and on positions, not
+  # mostly on the last token, so a wrong window or position changes the greedy tokens.
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(lambda x: 30 * x, params))
+  out = generate(model, tokens(B=4, length=2), 3 * T, key=jax.random.key(1), temperature=0)
+  assert out.shape == (4, 2 + 3 * T)
+  # By hand, for T = 12: the first span reads the prompt and fills the context (tokens 2..12);
+  # each later span starts over from the newest T/2 = 6 tokens at position 0 and adds 7.
+  windows = [(0, range(2, 13)), (7, range(13, 20)), (14, range(20, 27)), (21, range(27, 34)),
+             (28, range(34, 38))]
+  assert T == 12 and [i for _, span in windows for i in span] == list(range(2, 2 + 3 * T))
+  for start, span in windows:
+    # Greedy: token i is the argmax of a full (causal) forward pass over out[start:i].
+    predicted = model(out[:, start:span.stop - 1]).argmax(-1)
+    np.testing.assert_array_equal(out[:, span.start:span.stop], predicted[:, span.start - start - 1:])
 
 
 def test_top_k_only_draws_from_the_k_largest():

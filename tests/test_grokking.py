@@ -33,7 +33,7 @@ def test_padded_full_batch_gives_the_mean_over_real_pairs_on_any_device_split():
   config = grokking.get_config("tiny")
   config.batch_size = 96  # the real pairs, then rows of padding
   task = grokking.build(config)
-  batch = task.train_data(0, (0, 1))
+  batch = task.train_data(0)
   n = int(np.sum(batch["weight"] > 0))
   assert n < 96
   real = {k: v[:n] for k, v in batch.items()}

@@ -3,10 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 
 from experiments import induction_heads
 from research import config as config_lib
 from research.evaluate.writer import read_metrics
+from research.interpret.attention import attention_maps
+from research.load import load_model
 from research.train import loop
 
 
@@ -35,7 +38,18 @@ def test_tiny_variant_logs_region_losses_and_head_scores(tmp_path):
   for key in ("loss_first_half", "loss_repeated_half", "induction_score",
               "prefix_matching_score", "previous_token_score"):
     assert key in val[-1], key
-  assert 0 < val[-1]["induction_score"] <= 1
+  # The logged score is the best head's mean attention, over every query of the repeat, to
+  # the token after that query's earlier occurrence: recomputed here from the saved model.
+  model, _, _ = load_model(tmp_path)
+  n = config.data.context // 2  # validation segments fill half the context, then repeat
+  t = np.arange(n, 2 * n)
+  per_head = []
+  for batch in induction_heads.build(config).eval_data["val"]():
+    np.testing.assert_array_equal(batch["inputs"][:, t], batch["inputs"][:, t - n])
+    maps_LxBxHxTxS = np.asarray(attention_maps(model, batch["inputs"]))
+    per_head.append(maps_LxBxHxTxS[:, :, :, t, t - n + 1])  # [L, B, H, n]
+  per_head_LxH = np.concatenate(per_head, axis=1).mean(axis=(1, 3))
+  assert val[-1]["induction_score"] == pytest.approx(per_head_LxH.max(), rel=1e-5)
   summary = json.loads((tmp_path / "phase_change.json").read_text())
   assert np.shape(summary["per_head"]["induction"]) == (2, 2)
   for name in ("phase_change.png", "heads.png", "attention_layer0.png", "attention_layer1.png"):

@@ -66,7 +66,7 @@ def test_next_item_loss_ignores_padded_positions():
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-  """Runs `tiny` once per model kind; returns {kind: (workdir, final metrics)}."""
+  """Runs `tiny` once per model kind; returns {kind: (workdir, final metrics, task)}."""
   runs = {}
   for kind in ("sasrec", "gru4rec", "bpr", "popular"):
     workdir = tmp_path_factory.mktemp(kind)
@@ -74,26 +74,48 @@ def tiny_runs(tmp_path_factory):
                  f"--config.model.kind={kind}"]
     config = config_lib.apply_overrides(experiments.get_config("movielens_sasrec:tiny"), overrides)
     task = experiments.load("movielens_sasrec").build(config)
-    runs[kind] = workdir, loop.train(task, config, experiment="movielens_sasrec:tiny")
+    runs[kind] = workdir, loop.train(task, config, experiment="movielens_sasrec:tiny"), task
   return runs
 
 
 @pytest.mark.parametrize("kind", ["sasrec", "gru4rec", "bpr", "popular"])
 def test_tiny_variant_trains_and_reports_both_protocols(tiny_runs, kind):
-  _, results = tiny_runs[kind]
+  _, results, _ = tiny_runs[kind]
   for split in ("val", "test"):
     metrics = results[split]
     for key in ("hr_at_10", "ndcg_at_10", "hr_at_10_full", "ndcg_at_10_full"):
       assert 0 <= metrics[key] <= 1, (split, key)
     # Ranking among 100 items is easier than among all 1,682.
     assert metrics["hr_at_10"] >= metrics["hr_at_10_full"]
-  if kind == "popular":  # far better than chance (10 / 101) without any training
-    assert results["val"]["hr_at_10"] > 0.3
+
+
+def test_popular_metrics_equal_a_hand_count(tiny_runs):
+  """The most-popular scorer's logged metrics, recounted in numpy from its scores and the
+  evaluation rows: sampled rank = negatives scoring at least the true item; full rank = all
+  items but padding, the true one and the history."""
+  _, results, task = tiny_runs["popular"]
+  scores_V = np.asarray(task.model.counts[...], np.float64)
+  for split in ("val", "test"):
+    rows = list(task.eval_data[split]())
+    rows = {k: np.concatenate([r[k] for r in rows]) for k in ("target", "negatives", "exclude",
+                                                                "mask")}
+    real = rows["mask"] > 0
+    target_N = scores_V[rows["target"][real]]
+    sampled_N = (scores_V[rows["negatives"][real]] >= target_N[:, None]).sum(1)
+    competes_NxV = ~rows["exclude"][real]
+    competes_NxV[:, 0] = False
+    competes_NxV[np.arange(real.sum()), rows["target"][real]] = False
+    full_N = ((scores_V[None] >= target_N[:, None]) & competes_NxV).sum(1)
+    for rank_N, suffix in ((sampled_N, ""), (full_N, "_full")):
+      assert results[split][f"hr_at_10{suffix}"] == pytest.approx(np.mean(rank_N < 10), abs=1e-9)
+      ndcg = np.mean(np.where(rank_N < 10, 1 / np.log2(rank_N + 2), 0))
+      assert results[split][f"ndcg_at_10{suffix}"] == pytest.approx(ndcg, abs=1e-6)
+    assert results[split]["hr_at_10"] > 10 / 101  # better than chance without any training
 
 
 def test_recommend_prints_ten_unseen_titles(tiny_runs, capsys):
   from research.data import movielens
-  workdir, _ = tiny_runs["sasrec"]
+  workdir, _, _ = tiny_runs["sasrec"]
   module = experiments.load("movielens_sasrec")
   assert module.COMMANDS["recommend"](["--workdir", str(workdir), "--user", "42"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()

@@ -14,10 +14,12 @@ from research import config as config_lib
 from research.train import loop
 
 
+@pytest.mark.slow  # subprocesses
 def test_killed_three_ways_the_run_resumes_exactly_losing_nothing(tmp_path):
   code, err = fault_trials.finish(fault_trials.start(tmp_path / "reference"))
   assert code == 0, err
   workdir = tmp_path / "run"
+  saved = set()
   for name, at_step, expected_code in [("SIGTERM", 57, 0), ("SIGINT", 203, 130), ("SIGKILL", 402, -9)]:
     process = fault_trials.start(workdir)
     assert fault_trials.wait_until(lambda: fault_trials.last_train_step(workdir) >= at_step, process)
@@ -26,13 +28,22 @@ def test_killed_three_ways_the_run_resumes_exactly_losing_nothing(tmp_path):
     code, err = fault_trials.finish(process)
     assert code == expected_code, err
     assert "Traceback" not in err
+    # Each restart resumed from the newest checkpoint the previous process left.
+    assert resumed_from(err) == max(saved, default=None), err
     saved = fault_trials.complete_checkpoints(workdir)
     assert max(saved) >= max(saved_before, default=0), f"{name} lost a checkpoint"
     if name != "SIGKILL":  # A catchable signal saves the step it stopped at.
       stopped_at = int(err.split(f"stopped by {name} at step ")[1].split(";")[0])
       assert stopped_at >= at_step and stopped_at in saved
-  assert fault_trials.finish(fault_trials.start(workdir))[0] == 0
+  code, err = fault_trials.finish(fault_trials.start(workdir))
+  assert code == 0 and resumed_from(err) == max(saved), err
   assert fault_trials.curves(workdir) == fault_trials.curves(tmp_path / "reference")
+
+
+def resumed_from(stderr: str) -> int | None:
+  """The step the loop restored, from its `resumed from step N` line; None for a new run."""
+  marker = "resumed from step "
+  return int(stderr.split(marker)[1].split()[0]) if marker in stderr else None
 
 
 def poisoned_task(config, poison_steps):
@@ -46,8 +57,8 @@ def poisoned_task(config, poison_steps):
       loss = loss + jnp.where(batch["poison"].max() > 0, jnp.nan, 0.0)
     return loss, {**metrics, "loss": loss}
 
-  def train_data(step, shard):
-    batch = base_data(step, shard)
+  def train_data(step):
+    batch = base_data(step)
     return {**batch, "poison": np.full(len(batch["inputs"]), float(step in poison_steps), np.float32)}
 
   return dataclasses.replace(task, loss_fn=loss_fn, train_data=train_data)
@@ -88,9 +99,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capf
   for data in (tmp_path / "checkpoints" / "20").rglob("d/*"):
     data.write_bytes(data.read_bytes()[:10])
   config.steps = 20
-  loop.train(experiments.load("gpt_shakespeare").build(config), config,
-             experiment="gpt_shakespeare:tiny")
-  assert "checkpoint step 20 is unreadable" in capfd.readouterr().err
+  task = experiments.load("gpt_shakespeare").build(config)
+  asked, train_data = [], task.train_data
+  task.train_data = lambda step: asked.append(step) or train_data(step)
+  loop.train(task, config, experiment="gpt_shakespeare:tiny")
+  err = capfd.readouterr().err
+  assert "checkpoint step 20 is unreadable" in err
+  assert resumed_from(err) == 10 and asked == list(range(10, 20))  # from the previous checkpoint
   assert (tmp_path / "checkpoints_unreadable" / "20").is_dir()  # set aside, not deleted
   assert fault_trials.curves(tmp_path) == reference
 

@@ -1,10 +1,5 @@
 """Data parallel (shard_map + pmean) and FSDP match one device; checkpoints move between meshes."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -12,7 +7,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import experiments
-from benchmarks import fault_trials
 from research import config as config_lib
 from research import sharding
 from research.data.text import LMBatches
@@ -54,6 +48,18 @@ def train(devices, parallelism, *, accum_steps=1, remat=False, dtype="float32"):
     state, metrics = step(state, sharding.global_batch(data(i), mesh))
     curves.append((float(metrics["loss"]), float(metrics["grad_norm"])))
   return np.array(curves), state
+
+
+def test_global_batch_gives_each_device_its_rows():
+  mesh = sharding.make_mesh()
+  rows = np.arange(16 * 3).reshape(16, 3)
+  placed = sharding.global_batch({"x": rows}, mesh)["x"]
+  per_device = 16 // mesh.size
+  for shard in placed.addressable_shards:
+    i = list(mesh.devices.flat).index(shard.device)
+    np.testing.assert_array_equal(shard.data, rows[i * per_device:(i + 1) * per_device])
+  with pytest.raises(ValueError, match="does not split over"):
+    sharding.global_batch({"x": rows[:mesh.size + 1]}, mesh)
 
 
 def assert_same_training(a, b, rtol=1e-5):
@@ -115,38 +121,7 @@ def test_checkpoints_restore_onto_another_device_count(tmp_path, saved_on, resto
     assert a.sharding == t.sharding
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path):
-  common = ["gpt_shakespeare:tiny", "--config.steps=10", "--config.progress_bar=false",
-            "--config.parallelism=fsdp", "--config.checkpoint_every=5"]
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-         "JAX_COMPILATION_CACHE_DIR": str(fault_trials.REPO / ".cache" / "jax")}
-
-  def launch(args, devices):
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.Popen([sys.executable, "-m", "experiments", *common, *args],
-                            cwd=fault_trials.REPO, env={**env, "XLA_FLAGS": flags},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-  single = launch([f"--config.workdir={tmp_path / 'single'}"], 8)
-  address = f"127.0.0.1:{_free_port()}"
-  hosts = [launch([f"--config.workdir={tmp_path / 'multi'}", f"--config.coordinator_address={address}",
-                   "--config.num_processes=2", f"--config.process_id={i}"], 4) for i in range(2)]
-  for process in [single, *hosts]:
-    code, err = fault_trials.finish(process, timeout=600)
-    assert code == 0, err
-  single_rows = fault_trials.curves(tmp_path / "single")
-  multi_rows = fault_trials.curves(tmp_path / "multi")
-  assert [r["step"] for r in multi_rows] == [r["step"] for r in single_rows]
-  for a, b in zip(single_rows, multi_rows):
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-  assert fault_trials.complete_checkpoints(tmp_path / "multi") == {5, 10}
-  assert (tmp_path / "multi" / "samples.txt").exists()
+# Multi-host (two processes of four devices, dp and fsdp, resumed): tests/test_multihost.py.
 
 
 def test_config_names_of_every_experiment_include_parallelism():

@@ -21,11 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 TIMING = {"step_time_ms", "tokens_per_second", "mfu", "wall_s"}
 
 
-def run(spec, workdir, *overrides):
+def run(spec, workdir, *overrides, asked: list | None = None):
+  """Trains `spec` in `workdir`; `asked` collects the steps whose batches the loop asked for."""
   config = config_lib.apply_overrides(experiments.get_config(spec),
                                       [f"--config.workdir={workdir}", "--config.progress_bar=false",
                                        *overrides])
   task = experiments.load(experiments.parse_name(spec)[0]).build(config)
+  if asked is not None:
+    train_data = task.train_data
+    task.train_data = lambda step: asked.append(step) or train_data(step)
   return loop.train(task, config, experiment=spec)
 
 
@@ -54,7 +58,11 @@ def test_resume_continues_exactly_as_if_never_stopped(tmp_path):
   args = ["--config.model.dropout=0.1", "--config.checkpoint_every=10", "--config.decay_steps=20"]
   run("gpt_shakespeare:tiny", tmp_path / "whole", "--config.steps=20", *args)
   run("gpt_shakespeare:tiny", tmp_path / "split", "--config.steps=10", *args)
-  run("gpt_shakespeare:tiny", tmp_path / "split", "--config.steps=20", *args)
+  first = (tmp_path / "split" / "metrics.jsonl").read_text()
+  asked = []
+  run("gpt_shakespeare:tiny", tmp_path / "split", "--config.steps=20", *args, asked=asked)
+  assert asked == list(range(10, 20))  # resumed at step 10, not restarted
+  assert (tmp_path / "split" / "metrics.jsonl").read_text().startswith(first)  # rows kept as written
   assert curves(tmp_path / "split") == curves(tmp_path / "whole")
   whole, _, _ = load_model(tmp_path / "whole")
   split, _, _ = load_model(tmp_path / "split")
@@ -81,8 +89,14 @@ def test_same_seed_same_run_and_another_seed_another(tmp_path):
 def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
   run("gpt_shakespeare:tiny", tmp_path, "--config.steps=10")
   before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "checkpoints").rglob("*"))
-  with pytest.raises(config_lib.ConfigError, match="different config"):
+  with pytest.raises(config_lib.ConfigError, match=r"different config \(model.embed_dim: 32 -> 64\)"):
     run("gpt_shakespeare:tiny", tmp_path, "--config.steps=10", "--config.model.embed_dim=64")
+  # A run written before a config field existed is named as such.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["model"]["qk_norm"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(config_lib.ConfigError, match="written before the config fields model.qk_norm"):
+    run("gpt_shakespeare:tiny", tmp_path, "--config.steps=10")
   (tmp_path / "config.json").unlink()  # Even without the config guard, shapes are checked.
   with pytest.raises(CheckpointError, match=r"params/blocks/0/attn/out/kernel: checkpoint \(32, 32\) vs model \(64, 64\)"):
     run("gpt_shakespeare:tiny", tmp_path, "--config.steps=10", "--config.model.embed_dim=64")
@@ -106,6 +120,7 @@ def cli(*args, env=None):
                         text=True, env={**os.environ, "XLA_FLAGS": "", **(env or {})}, timeout=300)
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.parametrize("args, message", [
     (["nope"], "unknown experiment 'nope'; valid names: "),
     (["gpt_shakespeare:huge"], "unknown variant 'huge'"),

@@ -5,7 +5,8 @@ cudnn on GPU, tokamax if installed) over sequence lengths, head dims and causal 
 not, at a fixed number of tokens per batch, and writes a Markdown table, JSON and a
 PNG plot. TFLOP/s use the FlashAttention count: forward 4·B·H·S²·D (half when
 causal), backward 2.5× forward. `--check` instead compares the compiled Pallas
-kernels with the reference on this device. On CPU everything runs tiny, in
+kernels with the reference on this device. Either exits 1 if a case fails (a benchmark row
+that is neither timed nor out of memory; a check that errs or misses its tolerance). On CPU everything runs tiny, in
 interpret mode: that shows the harness works and says nothing about speed.
 """
 
@@ -182,6 +183,11 @@ def benchmark(args):
       dict(device=device.device_kind, jax=jax.__version__, rows=rows), indent=1))
   plot(rows, args.out / f"{slug}.png", title)
   print(f"wrote {args.out}/{slug}.{{md,json,png}}")
+  # OOM is a measurement (the size does not fit); any other failure is a broken case.
+  failed = [r for r in rows if r["status"] not in ("ok", "OOM")]
+  if failed:
+    print(f"{len(failed)} of {len(rows)} cases failed", flush=True)
+  return 1 if failed else 0
 
 
 def check(args):
@@ -274,8 +280,7 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.check:
     return check(args)
-  benchmark(args)
-  return 0
+  return benchmark(args)
 
 
 if __name__ == "__main__":

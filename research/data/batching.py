@@ -1,7 +1,8 @@
-"""Batches as pure functions of the step, each process reading only its rows.
+"""Batches as pure functions of the step.
 
 A resumed run asks for batch `step` and gets exactly what the uninterrupted run got; no
-iterator state needs saving. Multi-host runs pass `shard = (process_index, process_count)`.
+iterator state needs saving. Every process computes the same whole batch;
+`research.sharding.global_batch` hands each device its rows.
 """
 
 from __future__ import annotations
@@ -10,17 +11,6 @@ import dataclasses
 from typing import Iterator
 
 import numpy as np
-
-Shard = tuple[int, int]
-
-
-def shard_slice(batch_size: int, shard: Shard) -> slice:
-  index, count = shard
-  if batch_size % count:
-    raise ValueError(f"batch of {batch_size} rows does not split over {count} processes")
-  n = batch_size // count
-  return slice(index * n, (index + 1) * n)
-
 
 @dataclasses.dataclass
 class EpochBatches:
@@ -40,21 +30,20 @@ class EpochBatches:
   def steps_per_epoch(self) -> int:
     return self.size // self.batch_size
 
-  def __call__(self, step: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
-    rows = self._order[i * self.batch_size:(i + 1) * self.batch_size][shard_slice(self.batch_size, shard)]
+    rows = self._order[i * self.batch_size:(i + 1) * self.batch_size]
     return {k: v[rows] for k, v in self.arrays.items()}
 
 
-def padded_batches(arrays: dict[str, np.ndarray], batch_size: int,
-                   shard: Shard = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+def padded_batches(arrays: dict[str, np.ndarray],
+                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Every example once, in order; the last batch is padded, and `mask` is 0 on padding."""
   size = len(next(iter(arrays.values())))
-  rows = shard_slice(batch_size, shard)
   for start in range(0, size, batch_size):
-    index = np.arange(start, start + batch_size)[rows]
+    index = np.arange(start, start + batch_size)
     valid = index < size
     index = np.where(valid, index, 0)
     yield {**{k: v[index] for k, v in arrays.items()}, "mask": valid.astype(np.float32)}

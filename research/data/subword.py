@@ -1,7 +1,8 @@
 """Subword tokenization with SentencePiece, trained on a task's training split.
 
-The trained model is saved in the run folder (`<name>.model`) and loaded from there when the
-run resumes, so a resumed run tokenizes exactly as before.
+Training is deterministic (one thread) and happens in memory; the training loop saves the
+task's tokenizer in the run folder's `tokenizer/`, which a resumed run reads back
+(`research.load.saved_tokenizer`), so it tokenizes exactly as before.
 """
 
 from __future__ import annotations
@@ -33,17 +34,6 @@ class SubwordTokenizer:
         pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)  # one thread: the same corpus gives the same model
     return cls(model.getvalue())
-
-  @classmethod
-  def train_or_load(cls, path: Path, texts: Iterable[str], vocab_size: int,
-                    **kwargs) -> "SubwordTokenizer":
-    path = Path(path)
-    if path.exists():
-      return cls(path.read_bytes())
-    tokenizer = cls.train(texts, vocab_size, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tokenizer.model_bytes)
-    return tokenizer
 
   def save(self, directory: Path) -> None:
     """`directory/tokenizer.json` and the SentencePiece model (`research.load.load_tokenizer`)."""

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from research.data import sources
-from research.data.batching import Shard, shard_slice
 
 
 class CharTokenizer:
@@ -83,9 +82,8 @@ class LMBatches:
       raise sources.DataError(f"the text has {len(self.tokens)} tokens, fewer than the context "
                               f"of {self.block_size} + 1")
 
-  def __call__(self, index: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, index])
     starts_B = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-    starts_B = starts_B[shard_slice(self.batch_size, shard)]
     windows_BxT1 = self.tokens[starts_B[:, None] + np.arange(self.block_size + 1)]
     return {"inputs": windows_BxT1[:, :-1], "targets": windows_BxT1[:, 1:]}

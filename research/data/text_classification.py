@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from research.data import sources
-from research.data.batching import Shard, shard_slice
 from research.data.subword import PAD
 
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
@@ -150,11 +149,11 @@ class LengthBucketedBatches:
       order[start:start + chunk] = rows[np.argsort(self.lengths[rows], kind="stable")]
     return order.reshape(self.steps_per_epoch, self.batch_size)[rng.permutation(self.steps_per_epoch)]
 
-  def __call__(self, step: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._batches = epoch, self._plan(epoch)
-    rows = self._batches[i][shard_slice(self.batch_size, shard)]
+    rows = self._batches[i]
     return {k: v[rows] for k, v in self.arrays.items()}
 
 

@@ -4,6 +4,10 @@ Token + position embeddings (learned, or rotary), pre-LayerNorm blocks of causal
 self-attention (`research.nn.attention.MultiHeadAttention`, fused qkv; optionally grouped-query
 and QK-normed) and a GELU MLP, a final LayerNorm, and logits through the tied input
 embedding. `decode` runs the same blocks against a KV cache, one or more tokens at a time.
+
+Knobs from the modded-nanoGPT speedrun, each off by default (`GPTConfig`): QK-norm, a ReLU²
+MLP, an untied output head, zero-initialised residual projections (attention out-projection
+and MLP down-projection) and logit soft-capping.
 """
 
 from __future__ import annotations
@@ -32,13 +36,32 @@ class GPTConfig:
   use_bias: bool = False
   position: str = "learned"  # "learned" or "rope"
   qk_norm: bool = False  # RMS-normalize queries and keys per head (Dehghani et al. 2023)
+  mlp_activation: str = "gelu"  # a key of MLP_ACTIVATIONS; "relu2": ReLU² (So et al. 2021)
+  tie_embeddings: bool = True  # False: a separate output head instead of the input embedding
+  zero_init_projections: bool = False  # residual branches (attn out, MLP down) start at zero
+  logit_softcap: float = 0.0  # > 0: logits = cap·tanh(logits / cap) (Gemma 2); 0: off
   attention: str = "xla"  # see research.nn.attention
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: bool = False  # recompute each block's activations in the backward pass
 
 
+# The MLP's nonlinearity, by `GPTConfig.mlp_activation`.
+MLP_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
+
+
 def _normal(std: float):
   return nnx.initializers.normal(stddev=std)
+
+
+def _projection_init(cfg: GPTConfig):
+  """Init of the projections that end a residual branch: GPT-2's scaled init, where they shrink
+  with depth, or zeros (each block then starts as the identity)."""
+  if cfg.zero_init_projections:
+    return nnx.initializers.zeros_init()
+  return _normal(0.02 / math.sqrt(2 * cfg.num_layers))
 
 
 class MLP(nnx.Module):
@@ -47,12 +70,13 @@ class MLP(nnx.Module):
     d, h = cfg.embed_dim, cfg.mlp_ratio * cfg.embed_dim
     linear = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
     self.up = nnx.Linear(d, h, kernel_init=_normal(0.02), **linear)
-    self.down = nnx.Linear(h, d, kernel_init=_normal(0.02 / math.sqrt(2 * cfg.num_layers)), **linear)
+    self.down = nnx.Linear(h, d, kernel_init=_projection_init(cfg), **linear)
+    self.activation = MLP_ACTIVATIONS[cfg.mlp_activation]
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BxTxD, *, rngs=None):
     x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])  # see `research.nn.transformer.MLP`
-    y_NxD = self.down(jax.nn.gelu(self.up(x_NxD), approximate=True))
+    y_NxD = self.down(self.activation(self.up(x_NxD)))
     return self.dropout(y_NxD.reshape(x_BxTxD.shape), deterministic=rngs is None, rngs=rngs)
 
 
@@ -61,12 +85,11 @@ class Block(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     norm = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
     self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
-    # GPT-2's scaled init: residual projections shrink with depth.
     self.attn = MultiHeadAttention(
         cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, fused_qkv=True,
         use_rope=cfg.position == "rope", qk_norm=cfg.qk_norm, use_bias=cfg.use_bias,
         dropout=cfg.dropout, implementation=cfg.attention, dtype=cfg.dtype,
-        kernel_init=_normal(0.02), out_init=_normal(0.02 / math.sqrt(2 * cfg.num_layers)),
+        kernel_init=_normal(0.02), out_init=_projection_init(cfg),
         rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm) if cfg.mlp_ratio else None
     self.mlp = MLP(cfg, rngs=rngs) if cfg.mlp_ratio else None
@@ -86,6 +109,11 @@ class GPT(nnx.Module):
       raise ValueError(f"embed_dim={cfg.embed_dim} is not divisible by num_heads={cfg.num_heads}")
     if cfg.position not in ("learned", "rope"):
       raise ValueError(f"unknown position embedding {cfg.position!r}; choose learned or rope")
+    if cfg.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"unknown mlp_activation {cfg.mlp_activation!r}; valid names: "
+                       f"{', '.join(MLP_ACTIVATIONS)}")
+    if not cfg.logit_softcap >= 0:
+      raise ValueError(f"logit_softcap must be >= 0 (0: off), got {cfg.logit_softcap}")
     self.cfg = cfg
     self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=_normal(0.02),
                            dtype=cfg.dtype, rngs=rngs)
@@ -95,6 +123,9 @@ class GPT(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.head = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False,
+                             kernel_init=_normal(0.02), dtype=cfg.dtype, rngs=rngs)
 
   @property
   def context_length(self) -> int:
@@ -107,10 +138,16 @@ class GPT(nnx.Module):
     return x_BxTxD
 
   def _logits(self, x_BxTxD):
-    # Tied weights: the output layer is the transposed input embedding; softmax in float32.
+    # Tied weights: the output layer is the transposed input embedding (unless untied, a
+    # head of its own); logits and softmax in float32.
     B, T, D = x_BxTxD.shape
-    logits_NxV = self.embed.attend(self.norm(x_BxTxD).reshape(B * T, D))
-    return logits_NxV.reshape(B, T, -1).astype(jnp.float32)
+    x_NxD = self.norm(x_BxTxD).reshape(B * T, D)
+    logits_NxV = self.embed.attend(x_NxD) if self.cfg.tie_embeddings else self.head(x_NxD)
+    logits_BxTxV = logits_NxV.reshape(B, T, -1).astype(jnp.float32)
+    if self.cfg.logit_softcap:
+      cap = self.cfg.logit_softcap
+      logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)  # smoothly bounded to (-cap, cap)
+    return logits_BxTxV
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, T, V] for next-token prediction; `rngs` given = training (dropout on)."""
@@ -138,6 +175,9 @@ class GPT(nnx.Module):
   def flops_per_token(self, context: int | None = None, *, causal: bool = True) -> float:
     """Training FLOPs per token on windows of `context` tokens (default block_size): 6 per
     matmul parameter plus attention (`research.flops.transformer_flops_per_token`)."""
+    matmul_params = flops.matmul_params(self)
+    if not self.cfg.tie_embeddings:  # the input embedding is then a lookup; the head multiplies
+      matmul_params -= self.embed.embedding.value.size
     return flops.transformer_flops_per_token(
-        matmul_params=flops.matmul_params(self), num_layers=self.cfg.num_layers,
+        matmul_params=matmul_params, num_layers=self.cfg.num_layers,
         context=context or self.cfg.block_size, embed_dim=self.cfg.embed_dim, causal=causal)

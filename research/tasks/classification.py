@@ -3,8 +3,7 @@
 Data are arrays `{"inputs": [N, ...], "labels": [N]}`: the training set (or a function of the
 step returning its whole batch, e.g. length-bucketed), and each evaluation split. `transform`
 turns a batch of stored inputs into what the model reads (trimming padding, bag-of-words
-counts, normalizing pixels); it sees whole batches before they are split over processes, so
-every process gets the same shapes.
+counts, normalizing pixels).
 
 Every evaluation writes, per split, accuracy and macro precision/recall/F1 (plus what
 `decide` adds) to metrics.jsonl, and to the run folder `confusion_<split>.png` and
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 
 from research.config import ConfigError
-from research.data.batching import EpochBatches, padded_batches, shard_slice
+from research.data.batching import EpochBatches, padded_batches
 from research.evaluate.classification import (classification_metrics, confusion_matrix, per_class,
                                               plot_confusion_matrix)
 from research.train.task import Task
@@ -96,17 +95,12 @@ def classification_task(config, model, train: Arrays | Callable[[int], Arrays], 
   batches = train if callable(train) else EpochBatches(train, config.batch_size, config.seed)
   workdir = Path(config.workdir)
 
-  def train_data(step, shard):
+  def train_data(step):
     batch = batches(step)
-    batch = transform(augment(batch, step) if augment else batch)
-    return {k: v[shard_slice(config.batch_size, shard)] for k, v in batch.items()}
+    return transform(augment(batch, step) if augment else batch)
 
   def eval_data(arrays):
-    def batches_of(shard):
-      for batch in padded_batches(arrays, eval_batch_size):
-        batch = transform(batch)
-        yield {k: v[shard_slice(eval_batch_size, shard)] for k, v in batch.items()}
-    return batches_of
+    return lambda: (transform(batch) for batch in padded_batches(arrays, eval_batch_size))
 
   def summarize(split, outputs):
     keep = outputs["mask"] > 0

@@ -49,8 +49,8 @@ def char_lm_task(config, model: nnx.Module, tokenizer: CharTokenizer,
   train = LMBatches(tokens["train"], context, config.batch_size, config.seed)
   val = LMBatches(tokens["val"], context, config.batch_size, seed=10_000 + config.seed)
 
-  def eval_data(shard):
-    return (val(i, shard) for i in range(eval_batches))
+  def eval_data():
+    return (val(i) for i in range(eval_batches))
 
   def finish(model, workdir: Path):
     s = sample

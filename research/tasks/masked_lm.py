@@ -5,32 +5,27 @@
 and 10% stay as they are. Masking happens in the data pipeline, seeded by the step, so
 batches stay a pure function of the step (exact resume).
 
-`pretrain_encoder` is how an experiment adds pretraining: with `config.pretrain.steps > 0`
-it runs (or resumes) the MLM phase as its own run in `<workdir>/pretrain` (same loop:
-checkpoints, metrics.jsonl, plots), then loads the pretrained weights into the classifier's
-encoder before fine-tuning starts. The [MASK] id is one past the tokenizer's vocabulary.
+`mlm_phase` is how a task adds pretraining: a `Phase` the training loop runs (or resumes)
+as its own run in `<workdir>/pretrain` (same loop: checkpoints, metrics.jsonl, plots) before
+fine-tuning starts, then copies the pretrained weights into the classifier's encoder. The
+[MASK] id is one past the tokenizer's vocabulary.
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from research import config as config_lib
-from research.data.batching import padded_batches, shard_slice
+from research.data.batching import padded_batches
 from research.data.subword import EOS, PAD
 from research.data.text_classification import LengthBucketedBatches, trim_padding
 from research.models.encoder import Encoder, MaskedLM
-from research.load import load_model
-from research.train import loop
-from research.train.task import Task
+from research.train.task import Phase, Task
 
 FIRST_REAL_ID = EOS + 1  # random replacements are real subwords, never PAD/UNK/BOS/EOS
 
@@ -80,9 +75,8 @@ def mlm_task(config, model: MaskedLM, train_NxT: np.ndarray, val_NxT: np.ndarray
     return mask_tokens(trim_padding(tokens_BxT, trim_multiple), np.random.default_rng(seed),
                        mask_id=mask_id, vocab_size=vocab_size, rate=rate)
 
-  def train_data(step, shard):
-    batch = corrupt(batches(step)["tokens"], [config.seed, step])
-    return {k: v[shard_slice(bs, shard)] for k, v in batch.items()}
+  def train_data(step):
+    return corrupt(batches(step)["tokens"], [config.seed, step])
 
   val_batches = []
   for i, rows in enumerate(padded_batches({"tokens": val_NxT}, bs)):
@@ -90,49 +84,19 @@ def mlm_task(config, model: MaskedLM, train_NxT: np.ndarray, val_NxT: np.ndarray
     batch["weights"] *= rows["mask"][:, None]
     val_batches.append(batch)
 
-  def val_data(shard):
-    return ({k: v[shard_slice(bs, shard)] for k, v in b.items()} for b in val_batches)
-
-  return Task(model=model, loss_fn=mlm_loss, train_data=train_data, eval_data={"val": val_data})
+  return Task(model=model, loss_fn=mlm_loss, train_data=train_data,
+              eval_data={"val": lambda: iter(val_batches)})
 
 
-def _has_checkpoint(directory: Path) -> bool:
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def phase_config(config, overrides: dict, workdir: Path) -> ml_collections.ConfigDict:
-  """A sub-run's config: `config`'s training fields with `overrides`, and its own workdir."""
-  sub = config_lib.base()
-  for key in sub:
-    sub[key] = config[key]
-  for key, value in overrides.items():
-    if key in sub:
-      sub[key] = value
-  sub.workdir = str(workdir)
-  for section in ("model", "data", "pretrain"):
-    if section in config:
-      sub[section] = config[section]
-  return sub
-
-
-def pretrain_encoder(config, encoder: Encoder, train_NxT: np.ndarray, val_NxT: np.ndarray, *,
-                     mask_id: int, vocab_size: int, experiment: str, trim_multiple: int = 16) -> None:
-  """Runs `config.pretrain` (steps, batch_size, learning_rate, ..., mask_rate; the optimizer is
-  `config.optimizer`) of MLM in `<workdir>/pretrain` and copies the result into `encoder`.
-  Skipped when steps is 0, or when the fine-tuning run already has a checkpoint (it replaces
-  these weights anyway)."""
+def mlm_phase(config, encoder: Encoder, train_NxT: np.ndarray, val_NxT: np.ndarray, *,
+              mask_id: int, vocab_size: int, trim_multiple: int = 16) -> Phase:
+  """`config.pretrain` (steps, batch_size, learning_rate, ..., mask_rate; the optimizer is
+  `config.optimizer`) of MLM on the token rows, as a phase whose trained encoder replaces
+  `encoder`'s weights."""
   p = config.pretrain
-  workdir = Path(config.workdir)
-  if p.steps == 0 or _has_checkpoint(workdir / "checkpoints"):
-    return
-  sub = phase_config(config, p.to_dict(), workdir / "pretrain")
+  sub = config_lib.phase_config(config, "pretrain", p.to_dict())
   model = MaskedLM(encoder.cfg, rngs=nnx.Rngs(config.seed))
-  results = loop.train(mlm_task(sub, model, train_NxT, val_NxT, mask_id=mask_id,
-                                vocab_size=vocab_size, mask_rate=p.mask_rate,
-                                trim_multiple=trim_multiple),
-                       sub, experiment=f"{experiment}/pretrain")
-  val = results.get("val", {})
-  print(f"pretrained ({sub.workdir}): MLM val loss={val.get('loss', float('nan')):.4f}, "
-        f"accuracy={val.get('accuracy', float('nan')):.4f}", file=sys.stderr)
-  pretrained, _, _ = load_model(workdir / "pretrain")
-  nnx.update(encoder, nnx.state(pretrained.encoder))
+  task = mlm_task(sub, model, train_NxT, val_NxT, mask_id=mask_id, vocab_size=vocab_size,
+                  mask_rate=p.mask_rate, trim_multiple=trim_multiple)
+  return Phase("pretrain", task, sub,
+               hand_over=lambda trained: nnx.update(encoder, nnx.state(trained.encoder)))

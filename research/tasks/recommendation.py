@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.data import movielens
-from research.data.batching import EpochBatches, Shard, padded_batches, shard_slice
+from research.data.batching import EpochBatches, padded_batches
 from research.evaluate import ranking
 from research.train.task import Task
 
@@ -67,7 +67,7 @@ class WithNegatives:
   positives: str
   seed: int
 
-  def __call__(self, step: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
     batch = self.examples(step)
     rng = np.random.default_rng([self.seed, 1, step])
     positives = batch[self.positives]
@@ -77,8 +77,7 @@ class WithNegatives:
     while (clash := self.seen_UxV[user, negatives]).any():
       negatives[clash] = rng.integers(1, num_items + 1, clash.sum(), dtype=np.int32)
     batch["negatives"] = np.where(positives != 0, negatives, 0).astype(np.int32)
-    rows = shard_slice(self.examples.batch_size, shard)
-    return {k: v[rows] for k, v in batch.items()}
+    return batch
 
 
 def windows(sequence: np.ndarray, length: int) -> list[np.ndarray]:
@@ -150,6 +149,6 @@ def recommendation_task(config, model, split: movielens.LeaveOneOut, num_items: 
   evals = {which: eval_arrays(split, num_items, which, max_len) for which in ("val", "test")}
   return Task(
       model=model, loss_fn=OBJECTIVES[objective], train_data=train,
-      eval_data={which: (lambda shard, a=arrays: padded_batches(a, eval_batch_size, shard))
+      eval_data={which: (lambda a=arrays: padded_batches(a, eval_batch_size))
                  for which, arrays in evals.items()},
       eval_fn=eval_fn, summarize=summarize)

@@ -19,29 +19,21 @@ import sacrebleu
 from flax import nnx
 
 from research.config import ConfigError
-from research.data.batching import Shard, padded_batches, shard_slice
+from research.data.batching import padded_batches
 from research.data.subword import BOS, EOS, PAD, SubwordTokenizer, TokenizerPair
 from research.models.beam_search import beam_search, greedy_search, repeat_beams
 from research.train.task import Task
 
 
-def load_tokenizers(workdir, data, texts: dict[str, list[str]] | None = None):
-  """(source, target) SentencePiece tokenizers, trained on `texts` (lang -> training sentences)
-  on first use and saved in the run folder; one model for both when `data.shared_vocab`."""
-  workdir, src, tgt = Path(workdir), data.src_lang, data.tgt_lang
-  names = {src: "spm.model", tgt: "spm.model"} if data.shared_vocab else {
-      src: f"spm.{src}.model", tgt: f"spm.{tgt}.model"}
-  missing = [n for n in set(names.values()) if not (workdir / n).exists()]
-  if missing and texts is None:
-    raise ConfigError(f"{workdir} has no tokenizer ({', '.join(missing)})")
-
-  def tokenizer(lang):
-    if texts is None:
-      return SubwordTokenizer((workdir / names[lang]).read_bytes())
-    corpus = texts[src] + texts[tgt] if data.shared_vocab else texts[lang]
-    return SubwordTokenizer.train_or_load(workdir / names[lang], corpus, data.vocab_size)
-
-  return tokenizer(src), tokenizer(tgt)
+def train_tokenizers(data, texts: dict[str, list[str]]) -> TokenizerPair:
+  """Source and target SentencePiece tokenizers trained on `texts` (lang -> training
+  sentences); one model for both when `data.shared_vocab`."""
+  src, tgt = data.src_lang, data.tgt_lang
+  if data.shared_vocab:
+    shared = SubwordTokenizer.train(texts[src] + texts[tgt], data.vocab_size)
+    return TokenizerPair(shared, shared)
+  return TokenizerPair(SubwordTokenizer.train(texts[src], data.vocab_size),
+                       SubwordTokenizer.train(texts[tgt], data.vocab_size))
 
 
 def encode_pairs(src_tok, tgt_tok, src: list[str], tgt: list[str], max_len: int) -> dict:
@@ -81,12 +73,11 @@ class BucketedBatches:
                for i in range(0, len(rows) - self.batch_size + 1, self.batch_size)]
     return [plan[i] for i in rng.permutation(len(plan))]
 
-  def __call__(self, step: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
     epoch, i = divmod(step, self.steps_per_epoch)
     if epoch != self._epoch:
       self._epoch, self._plan = epoch, self._epoch_plan(epoch)
     length, rows = self._plan[i]
-    rows = rows[shard_slice(self.batch_size, shard)]
     return {"src": self.arrays["src"][rows, :length], "tgt": self.arrays["tgt"][rows, :length + 1]}
 
 

@@ -91,14 +91,19 @@ class Checkpoints:
     tree = self._restore_newest(_as_tree(target), partial=False)
     return None if tree is None else TrainState(**tree)
 
-  def restore_model(self, params, rest) -> tuple[dict, dict, int] | None:
-    """(params, rest, step) of the newest readable checkpoint, placed like the given (maybe
-    abstract) pure dicts; the optimizer state is not read. None if there is no checkpoint."""
-    target = {"params": params, "rest": rest} if jax.tree.leaves(rest) else {"params": params}
+  def restore_model(self, params, rest, opt_state=None) -> dict | None:
+    """{"params", "rest", "opt_state", "step"} of the newest readable checkpoint, placed like the
+    given (maybe abstract) pure dicts; the optimizer state is read only if `opt_state` is
+    given (its structure). None if there is no checkpoint."""
+    target = {"params": params}
+    if jax.tree.leaves(rest):
+      target["rest"] = rest
+    if opt_state is not None:
+      target["opt_state"] = opt_state
     tree = self._restore_newest(target, partial=True)
     if tree is None:
       return None
-    return tree["params"], tree.get("rest", rest), tree["step"]
+    return {"rest": rest, "opt_state": None, **tree}
 
   def _restore_newest(self, target: dict, *, partial: bool) -> dict | None:
     """The one restore path: newest step first, shapes checked against `target` (a subset of

@@ -1,26 +1,70 @@
-"""The optimizer, chosen by `config.optimizer`, with linear warmup, cosine decay and clipping.
+"""The optimizer, chosen by `config.optimizer`, with its learning-rate schedule and clipping.
 
 `config.optimizer` is `name` (a key of `OPTIMIZERS`) plus that optimizer's own fields: the
 fields of its dataclass below, e.g. `--config.optimizer.name=lion
---config.optimizer.weight_decay=1.0`. The learning rate and its schedule (`learning_rate`,
-`min_learning_rate`, `warmup_steps`, `decay_steps`) and `grad_clip` are top-level fields that
-every optimizer shares. AdamW is the default (the nanoGPT recipe). Weight decay applies to
-matrices and embeddings only, never to biases or norm scales.
+--config.optimizer.weight_decay=1.0`. The learning rate and its schedule (`schedule`,
+`learning_rate`, `min_learning_rate`, `warmup_steps`, `decay_steps`, and for `wsd`
+`decay_fraction` and `decay_shape`) and `grad_clip` are top-level fields that every optimizer
+shares. AdamW with a cosine schedule is the default (the nanoGPT recipe). Weight decay applies
+to matrices and embeddings only, never to biases or norm scales.
+
+Schedule-free AdamW trains one sequence of parameters and is evaluated at another (an average
+kept in its state): whoever evaluates or saves the model asks `eval_params(config)` for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
+
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
+
+
+def _decay_length(config) -> int:
+  """Steps from the start to the end of the decay: `decay_steps`, or the whole run."""
+  return max(config.decay_steps or config.steps, config.warmup_steps + 1)
+
+
+def warmup_stable_decay(peak: float, end: float, *, warmup_steps: int, total_steps: int,
+                        decay_fraction: float, shape: str = "linear") -> optax.Schedule:
+  """Linear warmup from 0 to `peak` over `warmup_steps`, `peak` until the last `decay_fraction`
+  of `total_steps`, then down to `end` at `total_steps` (linearly, or as 1 - sqrt of the decay's
+  progress; Hägele et al. 2024), and `end` after. `decay_fraction=0`: never decays."""
+  if shape not in DECAY_SHAPES:
+    raise ValueError(f"unknown decay shape {shape!r}; valid names: {', '.join(DECAY_SHAPES)}")
+  decay_start = max(warmup_steps, total_steps - decay_fraction * total_steps)
+  decay_steps = total_steps - decay_start
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.minimum(step / warmup_steps, 1.0) if warmup_steps else jnp.ones_like(step)
+    if not decay_steps:  # decay_fraction 0: stays at the peak
+      return peak * warmup
+    progress = jnp.clip((step - decay_start) / decay_steps, 0.0, 1.0)
+    remaining = 1.0 - (jnp.sqrt(progress) if shape == "1-sqrt" else progress)
+    return jnp.where(step < decay_start, peak * warmup, end + (peak - end) * remaining)
+
+  return schedule
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.decay_steps or config.steps, config.warmup_steps + 1),
-      end_value=config.min_learning_rate)
+  """`config.schedule`: `cosine` (linear warmup, cosine decay to `min_learning_rate` at
+  `decay_steps` or `steps`) or `wsd` (warmup, stable, decay over the last `decay_fraction`)."""
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=_decay_length(config), end_value=config.min_learning_rate)
+  if config.schedule == "wsd":
+    return warmup_stable_decay(
+        config.learning_rate, config.min_learning_rate, warmup_steps=config.warmup_steps,
+        total_steps=_decay_length(config), decay_fraction=config.decay_fraction,
+        shape=config.decay_shape)
+  raise ValueError(f"unknown schedule {config.schedule!r}; valid names: {', '.join(SCHEDULES)}")
 
 
 def decay_mask(params):
@@ -98,7 +142,31 @@ class Muon:
         muon_weight_dimension_numbers=_muon_weights)
 
 
-OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "sgd": SGD, "muon": Muon}
+@dataclasses.dataclass(frozen=True)
+class ScheduleFreeAdamW:
+  """Schedule-free AdamW (Defazio et al. 2024): `optax.contrib.schedule_free_adamw`, with weight
+  decay masked as for AdamW. It trains parameters y between a fast sequence z and their
+  running average x, and the model to evaluate is x: see `eval_params`. Meant for a constant
+  learning rate after the warmup (`--config.schedule=wsd --config.decay_fraction=0`); another
+  schedule also works."""
+  b1: float = 0.9  # interpolation between x and z (the momentum); must be > 0
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  weight_lr_power: float = 2.0  # the average weights step t by learning_rate(t) ** this
+
+  def make(self, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    # optax.contrib.schedule_free_adamw's own chain, with the decay mask.
+    adam = optax.chain(
+        optax.scale_by_rms(decay=self.b2, eps=self.eps, eps_in_sqrt=False, bias_correction=True),
+        optax.add_decayed_weights(self.weight_decay, decay_mask),
+        optax.scale_by_learning_rate(learning_rate))
+    return optax.contrib.schedule_free(adam, learning_rate, b1=self.b1,
+                                       weight_lr_power=self.weight_lr_power)
+
+
+OPTIMIZERS = {"adamw": AdamW, "lion": Lion, "sgd": SGD, "muon": Muon,
+              "schedule_free_adamw": ScheduleFreeAdamW}
 
 
 def optimizer_fields(name: str) -> dict:
@@ -112,3 +180,32 @@ def make_optimizer(config) -> optax.GradientTransformation:
   if config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
   return tx
+
+
+def _is_schedule_free(node) -> bool:
+  return isinstance(node, optax.contrib.ScheduleFreeState)
+
+
+def evaluates_its_average(config) -> bool:
+  """Whether the model to evaluate is not the trained parameters but an average kept in the
+  optimizer state (see `eval_params`)."""
+  return (config.get("optimizer") or {}).get("name") == "schedule_free_adamw"
+
+
+def eval_params(config) -> Callable[[Any, Any], Any]:
+  """`fn(params, opt_state) -> params` to evaluate, sample from or save as the trained model:
+  for schedule-free AdamW its averaged parameters x, for every other optimizer `params` as
+  they are. `params` and `opt_state` are those of `research.train.step.TrainState` for
+  `make_optimizer(config)` (the schedule-free state may sit inside the clipping chain)."""
+  if not evaluates_its_average(config):
+    return lambda params, opt_state: params
+
+  def schedule_free_eval_params(params, opt_state):
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_free)
+              if _is_schedule_free(s)]
+    if len(states) != 1:
+      raise ValueError(f"expected one schedule-free state in the optimizer state, found "
+                       f"{len(states)}")
+    return optax.contrib.schedule_free_eval_params(states[0], params)
+
+  return schedule_free_eval_params

@@ -9,7 +9,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from flax import nnx
 
-from research.data.batching import Shard
 from research.train.step import LossFn
 
 
@@ -17,11 +16,11 @@ from research.train.step import LossFn
 class Task:
   model: nnx.Module
   loss_fn: LossFn
-  # (step, shard) -> this process's rows of batch `step`; a pure function of the step, so a
-  # resumed run sees the same data in the same order.
-  train_data: Callable[[int, Shard], dict]
-  # split -> (shard) -> batches evaluated with `eval_fn` at every evaluation.
-  eval_data: dict[str, Callable[[Shard], Iterable[dict]]] = dataclasses.field(default_factory=dict)
+  # step -> the whole batch `step` (every process computes the same one; the loop hands each
+  # device its rows); a pure function of the step, so a resumed run sees the same data.
+  train_data: Callable[[int], dict]
+  # split -> () -> whole batches evaluated with `eval_fn` at every evaluation.
+  eval_data: dict[str, Callable[[], Iterable[dict]]] = dataclasses.field(default_factory=dict)
   # (model, batch) -> dict of arrays, scalars or per-example; default: the loss_fn's metrics.
   eval_fn: Callable[[nnx.Module, dict], dict] | None = None
   # (split, outputs of all batches: scalars stacked, per-example arrays concatenated)
@@ -37,3 +36,16 @@ class Task:
   # What turns text into the model's ids (an object with `save(directory)`, read back by
   # `research.load.load_tokenizer`); saved in the run folder's `tokenizer/`. None: ids only.
   tokenizer: Any = None
+  # Runs trained before this one, in order (e.g. MLM pretraining before fine-tuning).
+  phases: tuple["Phase", ...] = ()
+
+
+@dataclasses.dataclass
+class Phase:
+  """A run the loop trains (or resumes) in `<workdir>/<name>` before the task's own, then hands
+  over: `hand_over(trained model)` copies what the task's model takes from it. Skipped once
+  the task's own run has a checkpoint."""
+  name: str
+  task: Task
+  config: Any  # the phase's own run config; its workdir is `<workdir>/<name>`
+  hand_over: Callable[[nnx.Module], None]

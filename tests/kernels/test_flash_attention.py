@@ -167,8 +167,51 @@ def test_unavailable_implementations_raise_on_cpu(change, message):
 
 
 def test_bench_harness_end_to_end(tmp_path):
-  bench.main(["--tiny", "--out", str(tmp_path)])
+  assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
   (md,) = tmp_path.glob("*.md")
   table = md.read_text()
   assert "| pallas |" in table and "| xla |" in table
   assert len(list(tmp_path.glob("*.json"))) == len(list(tmp_path.glob("*.png"))) == 1
+
+
+# (block_q, block_k), (batch, seq_q, seq_k, heads, kv_heads, head_dim): unequal tiles, T != S
+# both ways, ragged last blocks, so the causal bounds that mix block_q and block_k (the key
+# blocks a query block visits, the first query block a key block sees) cut through tiles.
+UNEQUAL_BLOCKS = {
+    "16x32-short-q": ((16, 32), (1, 40, 72, 2, 1, 16)),
+    "32x16-long-q": ((32, 16), (1, 72, 40, 2, 2, 16)),
+    "64x16-long-q": ((64, 16), (1, 80, 56, 2, 1, 16)),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("blocks,shape", UNEQUAL_BLOCKS.values(), ids=UNEQUAL_BLOCKS.keys())
+def test_unequal_blocks_and_custom_scale_match_float64_reference(check_vjp, key, blocks, shape,
+                                                                  causal):
+  batch, seq_q, seq_k, heads, kv_heads, head_dim = shape
+  common = dict(causal=causal, sm_scale=0.3)  # not 1/sqrt(16): a dropped sm_scale shows
+  with jax.enable_x64(True):
+    args = _inputs(key, batch, seq_q, seq_k, heads, kv_heads, head_dim, jnp.float64)
+    check_vjp(functools.partial(kernels.flash_attention, implementation="pallas",
+                                block_q=blocks[0], block_k=blocks[1], **common),
+              lambda *a: reference.attention(*a, **common)[0], args)
+
+
+def _failing_flash_attention(*args, **kwargs):
+  raise RuntimeError("injected failure")
+
+
+def test_bench_check_exits_nonzero_when_the_kernel_fails(monkeypatch, capsys):
+  monkeypatch.setattr(bench.api, "flash_attention", _failing_flash_attention)
+  assert bench.main(["--check"]) == 1
+  assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_exits_nonzero_when_an_implementation_fails(tmp_path, monkeypatch):
+  real = bench.attention_fn
+  monkeypatch.setattr(bench, "attention_fn", lambda impl, causal, blocks: (
+      _failing_flash_attention if impl == "xla" else real(impl, causal, blocks)))
+  assert bench.main(["--tiny", "--impls", "pallas", "xla", "--out", str(tmp_path)]) == 1
+  (md,) = tmp_path.glob("*.md")  # the table is still written, with the failure in it
+  assert "| xla | fwd | True | 32 | 64 | 2 |  |  |  |  | failed: RuntimeError: injected failure |" \
+      in md.read_text()
