@@ -37,10 +37,10 @@ from research.audio import AugmentConfig, LogMelConfig
 from research.config import ConfigError
 from research.data import speech
 from research.load import load_model
-from research.models.audio import (AudioClassifier, AudioClassifierConfig,
-                                   SpectrogramTransformerConfig)
+from research.models.audio import AudioClassifier, AudioClassifierConfig, spectrogram_size
 from research.models.cnn import CNNConfig
 from research.models.mlp import MLPConfig
+from research.models.vit import ViTConfig
 from research.tasks.audio_classification import audio_classification_task, probabilities
 
 VARIANTS = ("cnn", "transformer", "mlp", "tiny")
@@ -63,10 +63,11 @@ def get_config(variant: str = "cnn") -> ml_collections.ConfigDict:
       kind="cnn",
       cnn=config_lib.model_config(CNNConfig, exclude=("channels", "num_classes"),
                                   widths=(32, 64, 128), blocks_per_stage=1, dropout=0.1),
+      # patch_size: (frames, mel bands)
       transformer=config_lib.model_config(
-          SpectrogramTransformerConfig, exclude=("frames", "n_mels", "num_classes"),
-          patch_time=4, patch_freq=8, num_layers=4, num_heads=4, embed_dim=96, mlp_dim=192,
-          dropout=0.1, pool="mean", attention="xla"),
+          ViTConfig, exclude=("image_size", "channels", "num_classes"), patch_size=(4, 8),
+          num_layers=4, num_heads=4, embed_dim=96, mlp_dim=192, dropout=0.1, pool="mean",
+          attention="xla"),
       mlp=config_lib.model_config(MLPConfig, exclude=("in_features", "out_features"),
                                   hidden_sizes=(256, 256), dropout=0.2))
   c.eval_batch_size = 100
@@ -102,9 +103,10 @@ def model_config(config, frontend: LogMelConfig, labels) -> AudioClassifierConfi
     if kind == "cnn":
       backbone["cnn"] = CNNConfig(**m.cnn, channels=1, num_classes=classes, dtype=dtype)
     elif kind == "transformer":
-      backbone["transformer"] = SpectrogramTransformerConfig(
-          **m.transformer, frames=frontend.num_frames, n_mels=frontend.n_mels,
-          num_classes=classes, dtype=dtype)
+      patch = tuple(m.transformer.patch_size)
+      backbone["transformer"] = ViTConfig(
+          **{**m.transformer, "patch_size": patch}, channels=1, num_classes=classes, dtype=dtype,
+          image_size=spectrogram_size(frontend.num_frames, frontend.n_mels, patch))
     else:
       backbone["mlp"] = MLPConfig(**m.mlp, in_features=2 * frontend.n_mels,
                                   out_features=classes, dtype=dtype)

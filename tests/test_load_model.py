@@ -25,7 +25,8 @@ from flax import nnx
 import experiments
 from experiments import __main__ as cli
 from research import config as config_lib
-from research.data import fashion_mnist, movielens, multi30k, sources, text, text_classification
+from research.data import (fashion_mnist, movielens, multi30k, sources, speech, text,
+                           text_classification)
 from research.data.subword import SubwordTokenizer
 from research.load import config_from_dict, load_model
 from research.train import optim
@@ -46,6 +47,7 @@ SPECS = {
     "fashion_mnist_vision:tiny": [],
     "movielens_sasrec:tiny": [],
     "multi30k_translation:tiny": [],
+    "spoken_digits:tiny": [],
 }
 # Runs of a model class and tokenizer kind already covered (GPT: gpt_shakespeare; encoder
 # classifier with SentencePiece: sst2_sentiment), left out to keep this file near 2 minutes
@@ -55,7 +57,8 @@ TESTED = [s for s in SPECS
           if os.environ.get("RESEARCH_TEST_ALL_LOADS") or s not in COVERED_ELSEWHERE]
 DATA_LOADERS = [sources.manual_dir, sources.tfds_source, text.load_text_splits, multi30k.load,
                 movielens.load, fashion_mnist.load, text_classification.load_sst2,
-                text_classification.load_clinc_oos, SubwordTokenizer.train.__func__]
+                text_classification.load_clinc_oos, speech.load_fsdd, speech.load_folder,
+                speech.fsdd_files, SubwordTokenizer.train.__func__]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """MovieLens 100K: the local files, time order, the leave-one-out split and its batches."""
 
 import io
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -114,7 +115,7 @@ def test_online_path_reads_the_grouplens_zip(tmp_path, monkeypatch):
       z.writestr(f"ml-100k/{name}", (FOLDER / name).read_bytes())
   monkeypatch.setattr(movielens.sources, "manual_dir", lambda *args: None)
   monkeypatch.setattr(movielens, "CACHE", tmp_path / "ml-100k.zip")
-  monkeypatch.setattr(movielens.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(
+  monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(
       archive.getvalue()))
   data = movielens.load()
   assert data.num_ratings == 100_000 and (tmp_path / "ml-100k.zip").exists()

@@ -2,6 +2,7 @@
 
 import gzip
 import sys
+import urllib.request
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ def test_download_failure_says_where_to_put_the_files(tmp_path, monkeypatch):
     raise OSError("network is unreachable")
   monkeypatch.setattr(multi30k, "manual_dir", lambda dataset, configured: None)
   monkeypatch.setattr(multi30k, "CACHE", tmp_path)
-  monkeypatch.setattr(multi30k.urllib.request, "urlopen", offline)
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
   with pytest.raises(DataError, match=r"could not download .*raw/val\.en\.gz.*put val\.en\.gz in"):
     multi30k.load("val")
 

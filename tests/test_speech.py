@@ -265,8 +265,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
       ([f"--config.data.folder={tmp_path / 'nowhere'}"], "is not a directory"),
       (["--config.data.protocol=speaker", "--config.data.test_speaker=bob"], "not an FSDD speaker"),
       (["--config.model.kind=rnn"], "unknown config.model.kind"),
-      (["--config.model.transformer.patch_freq=7", "--config.model.kind=transformer"],
-       "not divisible by patch_freq"),
+      (["--config.model.transformer.patch_size=(4, 7)", "--config.model.kind=transformer"],
+       "not divisible by patch_size"),
   ]
   for args, message in cases:
     code = main(["spoken_digits:tiny", f"--config.workdir={tmp_path / 'w'}",

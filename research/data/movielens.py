@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -83,27 +82,14 @@ def parse(ratings: bytes, items: bytes) -> MovieLens:
   return MovieLens(sequences, user_ids, titles, len(table))
 
 
-def _download() -> Path:
-  if not CACHE.exists():
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    partial = CACHE.with_suffix(".part")
-    try:
-      with urllib.request.urlopen(URL, timeout=60) as response:
-        partial.write_bytes(response.read())
-    except OSError as e:
-      raise sources.DataError(
-          f"could not download {URL} ({e}); offline, put {', '.join(FILES)} from it in a folder "
-          f"and pass --config.data.manual_dir=FOLDER (or set ${sources.DATA_ENV})") from None
-    partial.rename(CACHE)
-  return CACHE
-
-
 def load(manual_dir: str = "") -> MovieLens:
   folder = sources.manual_dir(DATASET, manual_dir)
   if folder is not None:
     sources.require_files(folder, FILES, DATASET)
     return parse((folder / "u.data").read_bytes(), (folder / "u.item").read_bytes())
-  with zipfile.ZipFile(_download()) as archive:
+  archive_path = sources.download(URL, CACHE, f"put {', '.join(FILES)} from it in a folder and "
+                                  f"pass --config.data.manual_dir=FOLDER (or set ${sources.DATA_ENV})")
+  with zipfile.ZipFile(archive_path) as archive:
     return parse(archive.read("ml-100k/u.data"), archive.read("ml-100k/u.item"))
 
 

@@ -10,11 +10,9 @@ the multi30k/dataset GitHub repository into ~/.cache/research/multi30k.
 from __future__ import annotations
 
 import gzip
-import shutil
-import urllib.request
 from pathlib import Path
 
-from research.data.sources import DataError, manual_dir
+from research.data.sources import DataError, download, manual_dir
 
 SPLITS = {"train": 29_000, "val": 1_014, "test_2016_flickr": 1_000}
 URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{name}"
@@ -23,21 +21,6 @@ CACHE = Path("~/.cache/research/multi30k").expanduser()
 
 def file_name(split: str, lang: str) -> str:
   return f"{split}.{lang}.gz"
-
-
-def _download(name: str) -> Path:
-  path = CACHE / name
-  if not path.exists():
-    CACHE.mkdir(parents=True, exist_ok=True)
-    url = URL.format(name=name)
-    try:
-      with urllib.request.urlopen(url, timeout=60) as response, open(f"{path}.part", "wb") as f:
-        shutil.copyfileobj(response, f)
-    except OSError as e:
-      raise DataError(f"multi30k: could not download {url} ({e}); offline, put {name} in "
-                      f"../shared/data/multi30k/ or pass --config.data.manual_dir=FOLDER") from None
-    Path(f"{path}.part").rename(path)
-  return path
 
 
 def load(split: str, langs: tuple[str, ...] = ("en", "de"), folder: str = "") -> dict[str, list[str]]:
@@ -49,7 +32,9 @@ def load(split: str, langs: tuple[str, ...] = ("en", "de"), folder: str = "") ->
   for lang in langs:
     name = file_name(split, lang)
     if local is None:
-      paths[lang] = _download(name)
+      paths[lang] = download(URL.format(name=name), CACHE / name,
+                             f"put {name} in ../shared/data/multi30k/ or pass "
+                             f"--config.data.manual_dir=FOLDER", timeout=60)
     elif (local / name).is_file():
       paths[lang] = local / name
     else:

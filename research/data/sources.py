@@ -10,6 +10,8 @@ read without TensorFlow.
 from __future__ import annotations
 
 import os
+import shutil
+import urllib.request
 from pathlib import Path
 
 from research.config import ConfigError
@@ -33,6 +35,22 @@ def manual_dir(dataset: str, configured: str = "") -> Path | None:
   if os.environ.get(DATA_ENV):
     candidates.insert(0, Path(os.environ[DATA_ENV]) / dataset)
   return next((p for p in candidates if p.is_dir()), None)
+
+
+def download(url: str, path: Path, offline: str, timeout: float = 120) -> Path:
+  """`path`, downloaded from `url` on first use (through a `.part` file, so an interrupted
+  download is never taken for the file). `offline` finishes the error: where to put the files."""
+  path = Path(path)
+  if not path.is_file():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    try:
+      with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as f:
+        shutil.copyfileobj(response, f)
+    except OSError as e:
+      raise DataError(f"could not download {url} ({e}); offline, {offline}") from None
+    partial.rename(path)
+  return path
 
 
 def require_files(folder: Path, names: list[str], dataset: str) -> None:

@@ -22,7 +22,6 @@ import dataclasses
 import io
 import math
 import re
-import urllib.request
 import wave
 import zipfile
 from pathlib import Path
@@ -132,21 +131,6 @@ class Recordings:
     return len(self.clips)
 
 
-def _download() -> Path:
-  if not CACHE.exists():
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    partial = CACHE.with_suffix(".part")
-    try:
-      with urllib.request.urlopen(URL, timeout=120) as response:
-        partial.write_bytes(response.read())
-    except OSError as e:
-      raise sources.DataError(
-          f"could not download {URL} ({e}); offline, put the dataset's recordings/ folder in a "
-          f"folder and pass --config.data.manual_dir=FOLDER (or set ${sources.DATA_ENV})") from None
-    partial.rename(CACHE)
-  return CACHE
-
-
 def fsdd_files(manual_dir: str = "") -> dict[str, bytes]:
   """File name -> bytes of every FSDD recording, from the local folder or the archive."""
   folder = sources.manual_dir(DATASET, manual_dir)
@@ -164,7 +148,10 @@ def fsdd_files(manual_dir: str = "") -> dict[str, bytes]:
       except OSError as e:
         raise sources.DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     return out
-  with zipfile.ZipFile(_download()) as archive:
+  archive_path = sources.download(
+      URL, CACHE, f"put the dataset's recordings/ folder in a folder and pass "
+      f"--config.data.manual_dir=FOLDER (or set ${sources.DATA_ENV})")
+  with zipfile.ZipFile(archive_path) as archive:
     return {Path(n).name: archive.read(n) for n in sorted(archive.namelist())
             if "/recordings/" in n and FSDD_NAME.match(Path(n).name)}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -65,26 +64,14 @@ def _tfds_downloads() -> Path:
   return Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser() / "downloads"
 
 
-def _download(url: str) -> Path:
-  path = _tfds_downloads() / Path(url).name
-  if not path.is_file():
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    try:
-      urllib.request.urlretrieve(url, partial)
-    except OSError as e:
-      raise sources.DataError(f"could not download {url} ({e}); offline, put train.tsv, dev.tsv and "
-                              f"test.tsv (the files inside it) in a folder and pass "
-                              f"--config.data.manual_dir=FOLDER (or set ${sources.DATA_ENV})") from None
-    partial.rename(path)
-  return path
-
-
 def load_sst2(manual_dir: str = "") -> TextClassification:
   folder = sources.manual_dir("sst2", manual_dir)
   archive = None
   if folder is None:
-    archive = _download(SST2_URL)
+    archive = sources.download(
+        SST2_URL, _tfds_downloads() / Path(SST2_URL).name,
+        f"put train.tsv, dev.tsv and test.tsv (the files inside it) in a folder and pass "
+        f"--config.data.manual_dir=FOLDER (or set ${sources.DATA_ENV})")
   elif (folder / "SST-2.zip").is_file():
     archive = folder / "SST-2.zip"
   else:

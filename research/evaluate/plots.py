@@ -1,4 +1,5 @@
-"""Plots of a run folder's metrics.jsonl: one PNG per metric, every split on it."""
+"""Plots of a run folder: metrics.jsonl (one PNG per metric, every split on it) and the
+examples a classifier got wrong."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from research.evaluate.writer import read_metrics  # noqa: E402
 
@@ -44,3 +46,24 @@ def plot_metrics(workdir: Path, log_x: bool = False) -> list[Path]:
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+def plot_misclassified(images_N, labels_N: np.ndarray, predictions_N: np.ndarray, titles_N,
+                       path: Path, *, what: str, count: int = 36, panel=(1.7, 1.9),
+                       **imshow) -> None:
+  """A grid of the first `count` examples whose prediction is wrong: `images_N[i]` drawn with
+  `imshow`'s options, titled `titles_N[i]`."""
+  wrong = np.flatnonzero(labels_N != predictions_N)[:count]
+  cols = 6
+  rows = max(1, -(-len(wrong) // cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * panel[0], rows * panel[1]), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, i in zip(axes.flat, wrong):
+    ax.imshow(images_N[i], **imshow)
+    ax.set_title(titles_N[i], fontsize=6)
+  fig.suptitle(f"misclassified {what} ({len(wrong)} of {int((labels_N != predictions_N).sum())} "
+               f"shown; true -> predicted)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

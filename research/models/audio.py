@@ -7,9 +7,9 @@ file without the dataset. In training (`rngs` given) it adds the configured nois
 SpecAugment masks, drawn from the step's dropout key.
 
 The backbones, on the spectrogram [B, T, n_mels]:
-  transformer  `SpectrogramTransformer`, AST-style (Gong et al. 2021): non-overlapping
-               patch_time x patch_freq patches, linearly embedded, learned positions, the
-               shared pre-LN `Block`s, mean or [CLS] pooling.
+  transformer  `research.models.vit.ViT`, AST-style (Gong et al. 2021): the spectrogram as a
+               1-channel image of (frames padded to a multiple of the patch's height, n_mels),
+               cut into non-overlapping (time, mel) patches.
   cnn          `research.models.cnn.CNN` (a small ResNet) on the spectrogram as a 1-channel image.
   mlp          `research.models.mlp.MLP` on each mel band's mean and standard deviation over time.
 """
@@ -26,78 +26,14 @@ from research import audio
 from research.audio import AugmentConfig, LogMelConfig
 from research.models.cnn import CNN, CNNConfig
 from research.models.mlp import MLP, MLPConfig
-from research.nn.transformer import Block
+from research.models.vit import ViT, ViTConfig
 
 KINDS = ("transformer", "cnn", "mlp")
-POOLS = ("cls", "mean")
 
 
-@dataclasses.dataclass(frozen=True)
-class SpectrogramTransformerConfig:
-  frames: int = 61  # spectrogram frames (padded with zeros to a multiple of patch_time)
-  n_mels: int = 40
-  patch_time: int = 4
-  patch_freq: int = 8
-  num_classes: int = 10
-  num_layers: int = 4
-  num_heads: int = 4
-  embed_dim: int = 96
-  mlp_dim: int = 192
-  dropout: float = 0.1
-  pool: str = "mean"
-  attention: str = "xla"
-  dtype: str = "float32"
-
-  @property
-  def grid(self) -> tuple[int, int]:
-    return -(-self.frames // self.patch_time), self.n_mels // self.patch_freq
-
-
-class SpectrogramTransformer(nnx.Module):
-
-  def __init__(self, cfg: SpectrogramTransformerConfig, *, rngs: nnx.Rngs):
-    c = cfg
-    if c.n_mels % c.patch_freq:
-      raise ValueError(f"n_mels={c.n_mels} is not divisible by patch_freq={c.patch_freq}")
-    if c.pool not in POOLS:
-      raise ValueError(f"unknown pool {c.pool!r}; choose one of {', '.join(POOLS)}")
-    if c.embed_dim % c.num_heads:
-      raise ValueError(f"embed_dim={c.embed_dim} is not divisible by num_heads={c.num_heads}")
-    self.cfg = c
-    self.patch_embed = nnx.Linear(c.patch_time * c.patch_freq, c.embed_dim, dtype=c.dtype,
-                                  rngs=rngs)
-    init = nnx.initializers.normal(0.02)
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, c.embed_dim))) if c.pool == "cls" else None
-    rows, cols = c.grid
-    self.pos_embed = nnx.Param(init(rngs.params(), (1, rows * cols + (c.pool == "cls"),
-                                                    c.embed_dim)))
-    self.dropout = nnx.Dropout(c.dropout)
-    self.blocks = nnx.List([
-        Block(c.embed_dim, c.num_heads, mlp_dim=c.mlp_dim, dropout=c.dropout,
-              attention=c.attention, dtype=c.dtype, rngs=rngs) for _ in range(c.num_layers)])
-    self.norm = nnx.LayerNorm(c.embed_dim, dtype=c.dtype, rngs=rngs)
-    self.head = nnx.Linear(c.embed_dim, c.num_classes, kernel_init=nnx.initializers.zeros,
-                           dtype=c.dtype, rngs=rngs)
-
-  def patchify(self, spec_BxTxM: jax.Array) -> jax.Array:
-    """[B, T, M] -> [B, rows * cols, patch_time * patch_freq], time-major patch order."""
-    c, (rows, cols) = self.cfg, self.cfg.grid
-    B, T, M = spec_BxTxM.shape
-    x = jnp.pad(spec_BxTxM, ((0, 0), (0, rows * c.patch_time - T), (0, 0)))
-    x = x.reshape(B, rows, c.patch_time, cols, c.patch_freq)
-    return x.transpose(0, 1, 3, 2, 4).reshape(B, rows * cols, c.patch_time * c.patch_freq)
-
-  def __call__(self, spec_BxTxM: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    x = self.patch_embed(self.patchify(spec_BxTxM))
-    if self.cls_token is not None:
-      cls = jnp.broadcast_to(self.cls_token.value, (x.shape[0], 1, x.shape[2])).astype(x.dtype)
-      x = jnp.concatenate([cls, x], axis=1)
-    x = self.dropout(x + self.pos_embed.value, deterministic=rngs is None, rngs=rngs)
-    for block in self.blocks:
-      x, _ = block(x, rngs=rngs)
-    x = self.norm(x)
-    x = x[:, 0] if self.cls_token is not None else x.mean(axis=1)
-    return self.head(x).astype(jnp.float32)
+def spectrogram_size(frames: int, n_mels: int, patch: tuple[int, int]) -> tuple[int, int]:
+  """The transformer's image size: the frames padded to a whole number of patches."""
+  return -(-frames // patch[0]) * patch[0], n_mels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +41,7 @@ class AudioClassifierConfig:
   frontend: LogMelConfig = dataclasses.field(default_factory=LogMelConfig)
   augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
   kind: str = "cnn"  # which of the backbone configs below is used (the others stay None)
-  transformer: SpectrogramTransformerConfig | None = None
+  transformer: ViTConfig | None = None
   cnn: CNNConfig | None = None
   mlp: MLPConfig | None = None
   labels: tuple[str, ...] = ()  # class names, in the order of the logits (for `predict`)
@@ -133,10 +69,11 @@ class AudioClassifier(nnx.Module):
     self.cfg = f = cfg
     frames, mels = f.frontend.num_frames, f.frontend.n_mels
     if cfg.kind == "transformer":
-      if (backbone.frames, backbone.n_mels) != (frames, mels):
-        raise ValueError(f"transformer frames x n_mels {backbone.frames}x{backbone.n_mels} "
-                         f"differ from the front end's {frames}x{mels}")
-      self.backbone = SpectrogramTransformer(backbone, rngs=rngs)
+      expected = spectrogram_size(frames, mels, backbone.patch)
+      if tuple(backbone.image_size) != expected or backbone.channels != 1:
+        raise ValueError(f"transformer image_size {backbone.image_size} x {backbone.channels} "
+                         f"channels; the front end gives {expected} x 1")
+      self.backbone = ViT(backbone, rngs=rngs)
     elif cfg.kind == "cnn":
       self.backbone = CNN(backbone, rngs=rngs)
     else:
@@ -156,7 +93,9 @@ class AudioClassifier(nnx.Module):
     if self.cfg.kind == "mlp":
       pooled = jnp.concatenate([spec_BxTxM.mean(axis=1), spec_BxTxM.std(axis=1)], axis=-1)
       return self.backbone(pooled, rngs=rngs)
-    return self.backbone(spec_BxTxM, rngs=rngs)
+    frames = self.cfg.transformer.image_size[0]
+    spec_BxTxM = jnp.pad(spec_BxTxM, ((0, 0), (0, frames - spec_BxTxM.shape[1]), (0, 0)))
+    return self.backbone(spec_BxTxM[..., None], rngs=rngs)
 
   def __call__(self, waves_BxS: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits [B, num_classes] (float32) of waveforms [B, clip_samples]."""

@@ -3,7 +3,8 @@
 Patches are flattened and projected by one Linear (the same map as a conv with kernel = stride
 = patch size); learned position embeddings are the only thing that tells the encoder where a
 patch was. The encoder is the shared pre-LN `Block`, bidirectional; the image is summarized by
-a class token or the mean of the patch tokens.
+a class token or the mean of the patch tokens. Images and patches may be rectangular (height,
+width): a spectrogram (time, mel) is an image too (AST, Gong et al. 2021).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ POOLS = ("cls", "mean")
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  image_size: int = 28
+  image_size: int | tuple[int, int] = 28  # side, or (height, width)
   channels: int = 1
-  patch_size: int = 4
+  patch_size: int | tuple[int, int] = 4  # side, or (height, width)
   num_classes: int = 10
   num_layers: int = 4
   num_heads: int = 4
@@ -35,28 +36,38 @@ class ViTConfig:
   dtype: str = "float32"
 
   @property
+  def patch(self) -> tuple[int, int]:
+    return _pair(self.patch_size)
+
+  @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    (h, w), (ph, pw) = _pair(self.image_size), self.patch
+    return (h // ph) * (w // pw)
 
 
-def patchify(images_BxHxWxC: jax.Array, patch: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order."""
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def patchify(images_BxHxWxC: jax.Array, patch: int | tuple[int, int]) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/ph)*(W/pw), ph*pw*C], patches in row-major order."""
   B, H, W, C = images_BxHxWxC.shape
-  x = images_BxHxWxC.reshape(B, H // patch, patch, W // patch, patch, C)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+  ph, pw = _pair(patch)
+  x = images_BxHxWxC.reshape(B, H // ph, ph, W // pw, pw, C)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // ph) * (W // pw), ph * pw * C)
 
 
 class ViT(nnx.Module):
 
   def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     c = config
-    if c.image_size % c.patch_size:
+    if any(size % patch for size, patch in zip(_pair(c.image_size), c.patch)):
       raise ValueError(f"image_size={c.image_size} is not divisible by patch_size={c.patch_size}")
     if c.pool not in POOLS:
       raise ValueError(f"unknown pool {c.pool!r}; choose one of {', '.join(POOLS)}")
     self.cfg = c
-    self.patch_embed = nnx.Linear(c.patch_size ** 2 * c.channels, c.embed_dim, dtype=c.dtype,
-                                  rngs=rngs)
+    (ph, pw) = c.patch
+    self.patch_embed = nnx.Linear(ph * pw * c.channels, c.embed_dim, dtype=c.dtype, rngs=rngs)
     init = nnx.initializers.normal(0.02)
     self.cls_token = (nnx.Param(jnp.zeros((1, 1, c.embed_dim))) if c.pool == "cls" else None)
     tokens = c.num_patches + (c.pool == "cls")

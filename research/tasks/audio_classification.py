@@ -16,19 +16,16 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from research import audio  # noqa: E402
-from research.audio import LogMelConfig  # noqa: E402
-from research.data import speech  # noqa: E402
-from research.data.batching import padded_batches  # noqa: E402
-from research.tasks.classification import classification_task  # noqa: E402
-from research.train.task import Task  # noqa: E402
+from research import audio
+from research.audio import LogMelConfig
+from research.data import speech
+from research.data.batching import padded_batches
+from research.evaluate.plots import plot_misclassified
+from research.tasks.classification import classification_task
+from research.train.task import Task
 
 _SHIFT_STREAM = 2  # keeps the time shifts' generator apart from EpochBatches' shuffles
 
@@ -66,27 +63,6 @@ def probabilities(model: nnx.Module, waves_NxS: np.ndarray, batch_size: int = 64
   return np.concatenate(out)
 
 
-def plot_misclassified(spec_NxTxM: np.ndarray, labels_N, predictions_N, probs_N, names,
-                       class_names: Sequence[str], path: Path, count: int = 24) -> None:
-  """Log-mel spectrograms of the first `count` misclassified clips (time across, mel up)."""
-  wrong = np.flatnonzero(labels_N != predictions_N)[:count]
-  cols = 6
-  rows = max(1, -(-len(wrong) // cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 1.9), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, i in zip(axes.flat, wrong):
-    ax.imshow(spec_NxTxM[i].T, origin="lower", aspect="auto", cmap="magma")
-    ax.set_title(f"{names[i]}\n{class_names[labels_N[i]]} -> {class_names[predictions_N[i]]}"
-                 f" ({probs_N[i]:.2f})", fontsize=6)
-  total = int((labels_N != predictions_N).sum())
-  fig.suptitle(f"misclassified test clips ({len(wrong)} of {total} shown; true -> predicted "
-               f"(probability))", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def audio_classification_task(config, make_model, splits: dict[str, speech.Recordings],
                               class_names: Sequence[str], frontend: LogMelConfig, *,
                               eval_batch_size: int, time_shift: bool = True) -> Task:
@@ -122,8 +98,11 @@ def audio_classification_task(config, make_model, splits: dict[str, speech.Recor
     probs = probabilities(model, waves, eval_batch_size)
     predictions = probs.argmax(1)
     spec = np.asarray(audio.log_mel_jit(waves, frontend))
-    plot_misclassified(spec, test["labels"], predictions, probs.max(1), splits["test"].names,
-                       class_names, workdir / "misclassified_test.png")
+    titles = [f"{name}\n{class_names[t]} -> {class_names[p]} ({q:.2f})" for name, t, p, q
+              in zip(splits["test"].names, test["labels"], predictions, probs.max(1))]
+    plot_misclassified(spec.transpose(0, 2, 1), test["labels"], predictions, titles,
+                       workdir / "misclassified_test.png", what="test clips (probability)",
+                       count=24, panel=(2.0, 1.9), origin="lower", aspect="auto", cmap="magma")
 
   task.finish = finish
   return task

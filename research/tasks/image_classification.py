@@ -14,16 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from research.data.batching import padded_batches  # noqa: E402
-from research.tasks.classification import classification_task  # noqa: E402
-from research.train.task import Task  # noqa: E402
+from research.data.batching import padded_batches
+from research.evaluate.plots import plot_misclassified
+from research.tasks.classification import classification_task
+from research.train.task import Task
 
 _AUGMENT_STREAM = 1  # keeps the crops' generator apart from EpochBatches' shuffles
 
@@ -58,25 +55,6 @@ def predict(model: nnx.Module, images_NxHxWx1: np.ndarray, batch_size: int) -> n
   return np.concatenate(predictions)
 
 
-def plot_misclassified(images_NxHxW: np.ndarray, labels_N: np.ndarray, predictions_N: np.ndarray,
-                       class_names: Sequence[str], path: Path, count: int = 36) -> None:
-  """A grid of the first `count` misclassified images, titled `true -> predicted`."""
-  wrong = np.flatnonzero(labels_N != predictions_N)[:count]
-  cols = 6
-  rows = max(1, -(-len(wrong) // cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 1.9), squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, i in zip(axes.flat, wrong):
-    ax.imshow(images_NxHxW[i], cmap="gray_r", vmin=0, vmax=255)
-    ax.set_title(f"{class_names[labels_N[i]]}\n-> {class_names[predictions_N[i]]}", fontsize=7)
-  fig.suptitle(f"misclassified test images ({len(wrong)} of {int((labels_N != predictions_N).sum())}"
-               f" shown; true -> predicted)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def image_classification_task(config, model: nnx.Module, splits: dict[str, dict[str, np.ndarray]],
                               class_names: Sequence[str], *, eval_batch_size: int,
                               augmentation: bool = False) -> Task:
@@ -100,8 +78,10 @@ def image_classification_task(config, model: nnx.Module, splits: dict[str, dict[
   def finish(model, workdir: Path):
     test = splits["test"]
     predictions = predict(model, normalize(test["image"], mean, std), eval_batch_size)
-    plot_misclassified(test["image"], test["label"], predictions, class_names,
-                       workdir / "misclassified_test.png")
+    titles = [f"{class_names[t]}\n-> {class_names[p]}" for t, p in zip(test["label"], predictions)]
+    plot_misclassified(test["image"], test["label"], predictions, titles,
+                       workdir / "misclassified_test.png", what="test images", cmap="gray_r",
+                       vmin=0, vmax=255)
 
   task.finish = finish
   return task

@@ -57,9 +57,10 @@ def text_classification_task(config, train: Texts, evals: dict[str, Texts],
                              unlabelled: Sequence[str] = (), decide: Decide = argmax_decide,
                              trim: int = 16) -> Task:
   """Trains `config.model.kind` (transformer, bilstm or mlp, or bert: the pretrained
-  checkpoint `config.init_from`; its fields in `config.model.<kind>`) on `train`, evaluated on each of `evals` in order. `num_outputs`
-  defaults to one per class name; MLM pretraining reads the training sentences and the
-  `unlabelled` ones, and is validated on `evals["val"]`; sequence batches are cut to a multiple of `trim` tokens."""
+  checkpoint `config.init_from`; its fields in `config.model.<kind>`) on `train`, evaluated on
+  each of `evals` in order. `num_outputs` defaults to one per class name; MLM pretraining reads
+  the training sentences and the `unlabelled` ones, and is validated on `evals["val"]`;
+  sequence batches are cut to a multiple of `trim` tokens."""
   m, d = config.model, config.data
   if config.pretrain.steps and m.kind != "transformer":
     raise ConfigError("config.pretrain.steps > 0 needs config.model.kind=transformer")
@@ -98,7 +99,8 @@ def text_classification_task(config, train: Texts, evals: dict[str, Texts],
     model = MLP(MLPConfig(**m.mlp, in_features=vocab, out_features=num_outputs,
                           dtype=config.compute_dtype), rngs=rngs)
   else:
-    raise ConfigError(f"unknown config.model.kind {m.kind!r}; valid names: transformer, bilstm, mlp")
+    raise ConfigError(f"unknown config.model.kind {m.kind!r}; valid names: transformer, bilstm, "
+                      f"mlp, bert")
   if m.kind == "mlp":
     train_data, transform = train_arrays, (
         lambda batch: {**batch, "inputs": bag_of_words(batch["inputs"], vocab)})
