@@ -10,6 +10,7 @@ from pathlib import Path
 
 USAGE = ("usage: python -m experiments NAME[:VARIANT] [--config.key=value ...]\n"
          "       python -m experiments NAME COMMAND [args ...]\n"
+         "       python -m experiments sample --init_from=CHECKPOINT_OR_RUN --prompt=TEXT ...\n"
          "       python -m experiments --list")
 
 
@@ -83,6 +84,9 @@ def main(argv: list[str]) -> int:
   from research.train.loop import Diverged, Preempted
 
   try:
+    if argv[0] == "sample":  # any language model, imported or trained here (experiments/_sample.py)
+      from experiments import _sample
+      return _sample.main(argv[1:])
     spec, rest = argv[0], argv[1:]
     module = experiments.load(experiments.parse_name(spec)[0])
     commands = getattr(module, "COMMANDS", {})

@@ -2,6 +2,7 @@
 
 Command:  make experiment NAME=gpt_shakespeare            (variant `baby`, the default)
           make experiment NAME=gpt_shakespeare:gpu        (nanoGPT's GPU config)
+          make experiment NAME=gpt_shakespeare:speedrun   (nanoGPT's quality in under half its time)
           make experiment NAME=gpt_shakespeare:tiny       (seconds; for tests)
 Expected: `baby` (4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps, 0.80M
           parameters) logs val loss 1.898 on its 20 validation batches; that estimate has a
@@ -21,7 +22,20 @@ from research import config as config_lib
 from research.models.gpt import GPT, GPTConfig
 from research.tasks.language_model import Sampling, char_lm_task, load_char_data
 
-VARIANTS = ("baby", "gpu", "tiny")
+VARIANTS = ("baby", "gpu", "speedrun", "tiny")
+
+# `speedrun` is `baby` with these changes, in the order `make speedrun ARGS=--ablation` adds
+# them one at a time (benchmarks/speedrun.py; the README's speedrun section has the table).
+SPEEDRUN_CHANGES = (
+    ("batch 32, 225 steps, learning rate 8e-3",
+     ["--config.batch_size=32", "--config.steps=225", "--config.learning_rate=8e-3",
+      "--config.min_learning_rate=8e-4", "--config.warmup_steps=20"]),
+    ("Muon for the weight matrices", ["--config.optimizer.name=muon"]),
+    ("ReLU² MLP", ["--config.model.mlp_activation=relu2"]),
+    ("QK-norm", ["--config.model.qk_norm=true"]),
+    ("untied output head", ["--config.model.tie_embeddings=false"]),
+    ("zero-initialized output projections", ["--config.model.zero_init_projections=true"]),
+)
 
 
 def get_config(variant: str = "baby") -> ml_collections.ConfigDict:
@@ -42,6 +56,9 @@ def get_config(variant: str = "baby") -> ml_collections.ConfigDict:
     c.model.update(num_layers=6, num_heads=6, embed_dim=384, block_size=256, dropout=0.2)
     c.update(steps=5000, batch_size=64, eval_every=250, checkpoint_every=1000)
     c.eval_batches = 200
+  elif variant == "speedrun":
+    c = config_lib.apply_overrides(c, [arg for _, args in SPEEDRUN_CHANGES for arg in args])
+    c.update(eval_every=75, checkpoint_every=225)
   elif variant == "tiny":
     c.model.update(num_layers=2, num_heads=2, embed_dim=32, block_size=16)
     c.update(steps=20, batch_size=8, learning_rate=3e-3, warmup_steps=2, eval_every=10,

@@ -48,6 +48,7 @@ SPECS = {
     "movielens_sasrec:tiny": [],
     "multi30k_translation:tiny": [],
     "spoken_digits:tiny": [],
+    "connected_digits:tiny": [],
 }
 # Runs of a model class and tokenizer kind already covered (GPT: gpt_shakespeare; encoder
 # classifier with SentencePiece: sst2_sentiment), left out to keep this file near 2 minutes

@@ -84,3 +84,26 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, paralle
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert fault_trials.complete_checkpoints(multi) == {5, 10}
   assert (multi / "samples.txt").exists()
+
+
+def test_two_processes_killed_mid_run_resume_from_their_last_checkpoint(tmp_path):
+  """Both processes SIGKILLed (a crashed machine: nothing is saved on the way out); a second
+  launch restores the newest complete checkpoint and ends where an uninterrupted run does."""
+  legs = ["--config.checkpoint_every=20", "--config.log_every=10"]
+  single = _launch([f"--config.workdir={tmp_path / 'single'}", "--config.steps=60", *legs], 8)
+  multi = tmp_path / "multi"
+  processes = _two_hosts(multi, "--config.steps=100000", *legs)
+  assert fault_trials.wait_until(lambda: fault_trials.last_train_step(multi) >= 30, processes[0])
+  for process in processes:
+    process.kill()
+  for process in processes:
+    assert fault_trials.finish(process)[0] == -9
+  saved = fault_trials.complete_checkpoints(multi)
+  assert saved and max(saved) >= 20
+  relaunched = _two_hosts(multi, "--config.steps=60", *legs)
+  errors = [fault_trials.finish(p, timeout=600) for p in relaunched]
+  assert all(code == 0 for code, _ in errors), errors
+  assert f"resumed from step {max(saved)}" in errors[0][1]
+  _finish([single])
+  for a, b in zip(_params(tmp_path / "single"), _params(multi)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

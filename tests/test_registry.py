@@ -14,6 +14,7 @@ TESTS = Path(__file__).parent
 # tiny run is added to a test and listed here.
 TINY_RUNS = {
     "clinc_intent": ("test_text_classification.py", "test_clinc_tiny_end_to_end"),
+    "connected_digits": ("test_connected_digits.py", "test_tiny_run_resumes_exactly_and_transcribes"),
     "fashion_mnist_vision": ("test_fashion_mnist.py", "test_tiny_variant_trains_and_writes_its_report"),
     "gpt_shakespeare": ("test_training.py", "test_tiny_language_models_learn_and_fill_the_run_folder"),
     "grokking": ("test_grokking.py", "test_tiny_variant_trains_and_writes_curves_and_the_fourier_picture"),

@@ -8,6 +8,11 @@ embedding. `decode` runs the same blocks against a KV cache, one or more tokens 
 Knobs from the modded-nanoGPT speedrun, each off by default (`GPTConfig`): QK-norm, a ReLU²
 MLP, an untied output head, zero-initialised residual projections (attention out-projection
 and MLP down-projection) and logit soft-capping.
+
+The Llama architecture is this GPT with four more knobs: RMSNorm (`norm="rmsnorm"`, `norm_eps`),
+a SwiGLU MLP of its own width (`mlp_activation="swiglu"`, `mlp_dim`), RoPE with the checkpoint's
+`rope_theta`, and grouped-query attention (`num_kv_heads`); `research.pretrained.gguf` loads
+SmolLM2 into it.
 """
 
 from __future__ import annotations
@@ -32,11 +37,16 @@ class GPTConfig:
   num_kv_heads: int = 0  # grouped-query attention; 0: one kv head per query head
   embed_dim: int = 128
   mlp_ratio: int = 4  # 0: attention-only blocks (Olsson et al. 2022's induction-head models)
+  mlp_dim: int = 0  # the MLP's hidden width; 0: mlp_ratio * embed_dim
   dropout: float = 0.0
   use_bias: bool = False
   position: str = "learned"  # "learned" or "rope"
+  rope_theta: float = 10_000.0  # RoPE's base frequency (Llama 3 / SmolLM2: 500k / 100k)
+  norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Zhang & Sennrich 2019; Llama)
+  norm_eps: float = 1e-6
   qk_norm: bool = False  # RMS-normalize queries and keys per head (Dehghani et al. 2023)
   mlp_activation: str = "gelu"  # a key of MLP_ACTIVATIONS; "relu2": ReLU² (So et al. 2021)
+  # "swiglu": silu(gate(x)) * up(x) (Shazeer 2020; Llama)
   tie_embeddings: bool = True  # False: a separate output head instead of the input embedding
   zero_init_projections: bool = False  # residual branches (attn out, MLP down) start at zero
   logit_softcap: float = 0.0  # > 0: logits = cap·tanh(logits / cap) (Gemma 2); 0: off
@@ -45,11 +55,25 @@ class GPTConfig:
   remat: bool = False  # recompute each block's activations in the backward pass
 
 
-# The MLP's nonlinearity, by `GPTConfig.mlp_activation`.
+# The MLP's nonlinearity, by `GPTConfig.mlp_activation`; a gated one (`GATED`) multiplies
+# activation(gate(x)) with up(x) before the down-projection.
 MLP_ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
     "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "swiglu": jax.nn.silu,
 }
+GATED = ("swiglu",)
+
+
+def _norm(cfg: GPTConfig, *, rngs: nnx.Rngs):
+  if cfg.norm == "rmsnorm":
+    return nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=cfg.dtype, rngs=rngs)
+  return nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, use_bias=cfg.use_bias,
+                       dtype=cfg.dtype, rngs=rngs)
+
+
+def _mlp_dim(cfg: GPTConfig) -> int:
+  return cfg.mlp_dim or cfg.mlp_ratio * cfg.embed_dim
 
 
 def _normal(std: float):
@@ -67,32 +91,38 @@ def _projection_init(cfg: GPTConfig):
 class MLP(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-    d, h = cfg.embed_dim, cfg.mlp_ratio * cfg.embed_dim
+    d, h = cfg.embed_dim, _mlp_dim(cfg)
     linear = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
     self.up = nnx.Linear(d, h, kernel_init=_normal(0.02), **linear)
+    if cfg.mlp_activation in GATED:
+      self.gate = nnx.Linear(d, h, kernel_init=_normal(0.02), **linear)
     self.down = nnx.Linear(h, d, kernel_init=_projection_init(cfg), **linear)
     self.activation = MLP_ACTIVATIONS[cfg.mlp_activation]
     self.dropout = nnx.Dropout(cfg.dropout)
 
   def __call__(self, x_BxTxD, *, rngs=None):
     x_NxD = x_BxTxD.reshape(-1, x_BxTxD.shape[-1])  # see `research.nn.transformer.MLP`
-    y_NxD = self.down(self.activation(self.up(x_NxD)))
+    if hasattr(self, "gate"):
+      h_NxH = self.activation(self.gate(x_NxD)) * self.up(x_NxD)
+    else:
+      h_NxH = self.activation(self.up(x_NxD))
+    y_NxD = self.down(h_NxH)
     return self.dropout(y_NxD.reshape(x_BxTxD.shape), deterministic=rngs is None, rngs=rngs)
 
 
 class Block(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-    norm = dict(use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
+    self.norm1 = _norm(cfg, rngs=rngs)
     self.attn = MultiHeadAttention(
         cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, fused_qkv=True,
-        use_rope=cfg.position == "rope", qk_norm=cfg.qk_norm, use_bias=cfg.use_bias,
+        use_rope=cfg.position == "rope", rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm,
+        use_bias=cfg.use_bias,
         dropout=cfg.dropout, implementation=cfg.attention, dtype=cfg.dtype,
         kernel_init=_normal(0.02), out_init=_projection_init(cfg),
         rngs=rngs)
-    self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm) if cfg.mlp_ratio else None
-    self.mlp = MLP(cfg, rngs=rngs) if cfg.mlp_ratio else None
+    self.norm2 = _norm(cfg, rngs=rngs) if _mlp_dim(cfg) else None
+    self.mlp = MLP(cfg, rngs=rngs) if _mlp_dim(cfg) else None
 
   def __call__(self, x_BxTxD, *, rngs=None, cache=None, pos=0):
     a_BxTxD, cache = self.attn(self.norm1(x_BxTxD), causal=True, rngs=rngs, cache=cache, pos=pos)
@@ -109,6 +139,8 @@ class GPT(nnx.Module):
       raise ValueError(f"embed_dim={cfg.embed_dim} is not divisible by num_heads={cfg.num_heads}")
     if cfg.position not in ("learned", "rope"):
       raise ValueError(f"unknown position embedding {cfg.position!r}; choose learned or rope")
+    if cfg.norm not in ("layernorm", "rmsnorm"):
+      raise ValueError(f"unknown norm {cfg.norm!r}; choose layernorm or rmsnorm")
     if cfg.mlp_activation not in MLP_ACTIVATIONS:
       raise ValueError(f"unknown mlp_activation {cfg.mlp_activation!r}; valid names: "
                        f"{', '.join(MLP_ACTIVATIONS)}")
@@ -122,7 +154,7 @@ class GPT(nnx.Module):
                                  dtype=cfg.dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.norm = nnx.LayerNorm(cfg.embed_dim, use_bias=cfg.use_bias, dtype=cfg.dtype, rngs=rngs)
+    self.norm = _norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.head = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False,
                              kernel_init=_normal(0.02), dtype=cfg.dtype, rngs=rngs)

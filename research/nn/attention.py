@@ -91,10 +91,12 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
       implementation="cudnn" if implementation == "cudnn" else "xla")
 
 
-def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array) -> jax.Array:
-  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2)."""
+def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array, theta: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2): the "half-split"
+  layout of Hugging Face's Llama (llama.cpp's GGUF files permute q and k for interleaved pairs
+  (2i, 2i + 1); `research.pretrained.gguf` undoes that). Frequencies theta^(-2i/D)."""
   d = x_BxTxHxD.shape[-1]
-  inv_freq = 1.0 / (10_000 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angle_TxD2 = positions_T[:, None].astype(jnp.float32) * inv_freq[None, :]
   sin, cos = jnp.sin(angle_TxD2)[None, :, None, :], jnp.cos(angle_TxD2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
@@ -115,15 +117,16 @@ class MultiHeadAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None,
-               fused_qkv: bool = False, use_rope: bool = False, qk_norm: bool = False,
-               use_bias: bool = True, dropout: float = 0.0, implementation: str = "xla",
+               fused_qkv: bool = False, use_rope: bool = False, rope_theta: float = 10_000.0,
+               qk_norm: bool = False, use_bias: bool = True, dropout: float = 0.0,
+               implementation: str = "xla",
                dtype="float32", kernel_init=None, out_init=None, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     if dim % num_heads or num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must divide dim={dim}, and num_kv_heads="
                        f"{num_kv_heads} must divide num_heads")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-    self.use_rope, self.implementation = use_rope, implementation
+    self.use_rope, self.rope_theta, self.implementation = use_rope, rope_theta, implementation
     self.keep_weights = False  # set by research.interpret to record the attention weights
     init = {} if kernel_init is None else dict(kernel_init=kernel_init)
     linear = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -164,7 +167,8 @@ class MultiHeadAttention(nnx.Module):
       q_BxTxHxDh, k_BxSxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxSxKxDh)
     if self.use_rope:
       positions_T = pos + jnp.arange(T)
-      q_BxTxHxDh, k_BxSxKxDh = rope(q_BxTxHxDh, positions_T), rope(k_BxSxKxDh, positions_T)
+      q_BxTxHxDh = rope(q_BxTxHxDh, positions_T, self.rope_theta)
+      k_BxSxKxDh = rope(k_BxSxKxDh, positions_T, self.rope_theta)
     implementation, mask_1x1xTxS = self.implementation, None
     if cache is not None:
       k_BxSxKxDh = jax.lax.dynamic_update_slice(cache["k"], k_BxSxKxDh.astype(cache["k"].dtype),
