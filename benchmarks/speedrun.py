@@ -318,9 +318,8 @@ def report(args, rows: list[dict], curves: dict, labels: list[str], seconds: flo
                  f"{statistics.median(r['final_val_loss'] for r in rows if r['run'] == 'pytorch'):.4f} |")
     for label in labels:
       runs = [r for r in rows if r["run"] == label]
-      if label == "speedrun":
-        label = f"+ {SPEEDRUN_CHANGES[-1][0]} (= speedrun)"
-      lines.append(f"| {label} | {runs[0]['steps']} | "
+      name = f"+ {SPEEDRUN_CHANGES[-1][0]} (= speedrun)" if label == "speedrun" else label
+      lines.append(f"| {name} | {runs[0]['steps']} | "
                    f"{fmt(summary[label]['median_seconds_to_target'])} | "
                    f"{fmt(summary[label]['median_ratio'], 'x', 2)} | "
                    f"{statistics.median(r['final_val_loss'] for r in runs):.4f} |")

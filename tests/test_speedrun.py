@@ -71,3 +71,26 @@ def test_speedrun_command_runs_both_sides_and_writes_the_report(tmp_path):
         rows["speedrun"]["seconds_to_target"] / rows["pytorch"]["seconds_to_target"])
   assert "| 0 | " in (out / "speedrun.md").read_text()
   assert (out / "speedrun.png").stat().st_size > 0
+
+
+def test_report_has_the_ablation_table_with_medians_over_seeds(tmp_path):
+  import argparse
+  rows, labels = [], ["baby", "+ Muon for the weight matrices", "speedrun"]
+  for seed, (torch_s, baby_s, muon_s, ours_s) in enumerate([(100, None, 80, 40), (110, 120, 70, 50),
+                                                             (90, None, 60, 30)]):
+    target = 1.9 + seed / 100
+    rows.append({"run": "pytorch", "seed": seed, "target": target, "seconds_to_target": torch_s,
+                 "final_val_loss": target, "steps": 2000})
+    for label, s in zip(labels, (baby_s, muon_s, ours_s)):
+      rows.append({"run": label, "seed": seed, "target": target, "seconds_to_target": s,
+                   "final_val_loss": 1.8 + seed / 100, "steps": 225,
+                   "ratio": None if s is None else s / torch_s})
+  args = argparse.Namespace(out=tmp_path, seeds=[0, 1, 2], stride=16)
+  speedrun.report(args, rows, {}, labels, 60.0, ["--ablation"])
+  table = (tmp_path / "speedrun.md").read_text()
+  assert "| nanoGPT (PyTorch) | 2000 | 100.0 s | 1.00x | 1.9100 |" in table
+  assert "| baby | 225 | not reached | not reached | 1.8100 |" in table  # 2 of 3 never got there
+  assert "| + Muon for the weight matrices | 225 | 70.0 s | 0.67x | 1.8100 |" in table
+  last = f"| + {SPEEDRUN_CHANGES[-1][0]} (= speedrun) | 225 | 40.0 s | 0.40x | 1.8100 |"
+  assert last in table
+  assert json.loads((tmp_path / "speedrun.json").read_text())["ratio"] == pytest.approx(0.4)

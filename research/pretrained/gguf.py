@@ -33,7 +33,7 @@ from flax import nnx
 
 from research.config import ConfigError
 from research.models.gpt import GPT, GPTConfig
-from research.pretrained.hf import _available_memory
+from research.pretrained import tensors as tensors_lib
 
 # Checkpoints shipped inside pip packages: name -> (module, file inside it, pip requirement).
 KNOWN = {
@@ -159,12 +159,7 @@ def gpt_config(meta: dict, tensor_names, **overrides) -> GPTConfig:
 # --- tensors ---
 
 def _check_memory(reader) -> None:
-  """Fails before dequantizing when the float32 weights (twice: tensors and model) cannot fit."""
-  need = 4 * sum(int(t.n_elements) for t in reader.tensors)
-  available = _available_memory()
-  if available is not None and 2 * need > available:
-    raise ConfigError(f"the checkpoint needs about {2 * need / 2**30:.1f} GiB to load as float32 "
-                      f"(its tensors and the model), and {available / 2**30:.1f} GiB are free")
+  tensors_lib.check_memory(4 * sum(int(t.n_elements) for t in reader.tensors))
 
 
 def read_tensors(reader, where: str = "checkpoint") -> dict[str, np.ndarray]:
@@ -222,50 +217,24 @@ def _name_map(cfg: GPTConfig) -> list[tuple[tuple[str, ...], tuple, str]]:
   return entries
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 def gpt_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = "checkpoint"):
   """The pure parameter dict of `GPT(cfg)` from GGUF-named tensors, every shape checked."""
   want = nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
   num_kv = cfg.num_kv_heads or cfg.num_heads
-  params, used = {}, set()
-  for names, path, how in _name_map(cfg):
-    missing = [n for n in names if n not in tensors]
-    if missing:
-      raise ConfigError(f"{where} lacks the tensor {missing[0]} (a Llama with "
-                        f"{cfg.num_layers} layers needs it)")
-    arrays = [tensors[n] for n in names]
-    shape = tuple(_get(want, path).shape)
-    if how == "qkv":
+
+  def convert(how, arrays):
+    if how == "qkv":  # llama.cpp's q and k rows back in the order RoPE here expects
       q, k, v = arrays
-      fits = (q.ndim == k.ndim == v.ndim == 2 and q.shape[0] % (2 * cfg.num_heads) == 0
-              and k.shape[0] % (2 * num_kv) == 0)
-      value = (np.concatenate([unpermute(q, cfg.num_heads).T, unpermute(k, num_kv).T, v.T],
-                              axis=1) if fits else None)
-    else:
-      value = arrays[0].T if how == "linear" else arrays[0]
-    if value is None or value.shape != shape:
-      src = " + ".join(f"{n} {list(tensors[n].shape)}" for n in names)
-      raise ConfigError(f"{where}: {src} does not fit {'/'.join(map(str, path))} {list(shape)} "
-                        f"(the metadata and the weights disagree)")
-    _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
-    used.update(names)
-  extra = sorted(k for k in tensors if k not in used)
-  if extra:
-    raise ConfigError(f"{where} has tensors this GPT does not read: {', '.join(extra[:4])}"
-                      f"{' ...' if len(extra) > 4 else ''} ({len(extra)}); e.g. qkv biases or "
-                      f"RoPE frequency factors are not supported")
-  return params
+      if not (q.ndim == k.ndim == v.ndim == 2 and q.shape[0] % (2 * cfg.num_heads) == 0
+              and k.shape[0] % (2 * num_kv) == 0):
+        return None
+      return np.concatenate([unpermute(q, cfg.num_heads).T, unpermute(k, num_kv).T, v.T], axis=1)
+    return arrays[0].T if how == "linear" else arrays[0]
+
+  return tensors_lib.assemble(
+      tensors, _name_map(cfg), want, convert, where=where,
+      needed_by=f"a Llama with {cfg.num_layers} layers", reader="GPT", source="the metadata",
+      unread_hint="e.g. qkv biases or RoPE frequency factors are not supported")
 
 
 def from_gguf(name_or_path: str | os.PathLike, *, max_context: int | None = None,

@@ -31,6 +31,7 @@ from flax import nnx
 
 from research.config import ConfigError
 from research.models.bert import ACTIVATIONS, Bert, BertConfig
+from research.pretrained import tensors as tensors_lib
 
 # Checkpoints shipped inside pip packages: name -> (module, folder inside it, pip requirement).
 KNOWN = {
@@ -155,26 +156,7 @@ def _check_memory(files: list[Path]) -> None:
     for name, info in header.items():
       if name != "__metadata__":
         need += 4 * int(np.prod(info["shape"], dtype=np.int64))
-  available = _available_memory()
-  if available is None:
-    return
-  if 2 * need > available:  # the float32 tensors, and the model they go into
-    raise ConfigError(f"the checkpoint needs about {2 * need / 2**30:.1f} GiB to load as float32 "
-                      f"(its tensors and the model), and {available / 2**30:.1f} GiB are free")
-
-
-def _available_memory() -> int | None:
-  """Bytes the OS can still give (MemAvailable: free memory and reclaimable caches)."""
-  try:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-      if line.startswith("MemAvailable:"):
-        return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (ValueError, OSError, AttributeError):
-    return None
+  tensors_lib.check_memory(need)
 
 
 def read_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -257,18 +239,6 @@ def _name_map(cfg: BertConfig) -> list[tuple[tuple[str, ...], tuple, str]]:
   return entries
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 def _convert(how: str, arrays: list[np.ndarray]) -> np.ndarray:
   if how == "copy":
     return arrays[0]
@@ -281,28 +251,13 @@ def _convert(how: str, arrays: list[np.ndarray]) -> np.ndarray:
 
 def bert_params(tensors: dict[str, np.ndarray], cfg: BertConfig, where: str = "checkpoint"):
   """The pure parameter dict of `Bert(cfg)` from BertModel-named tensors, every shape checked."""
-  tensors = _normalize_names(tensors)
   want = nnx.state(nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
-  params, used = {}, set()
-  for names, path, how in _name_map(cfg):
-    missing = [n for n in names if n not in tensors]
-    if missing:
-      raise ConfigError(f"{where} lacks the tensor {missing[0]} (a BertModel with "
-                        f"{cfg.num_layers} layers{' and a pooler' if cfg.pooler else ''} needs it)")
-    value = _convert(how, [tensors[n] for n in names])
-    shape = tuple(_get(want, path).shape)
-    if value.shape != shape:
-      src = " + ".join(f"{n} {list(tensors[n].shape)}" for n in names)
-      raise ConfigError(f"{where}: {src} does not fit {'/'.join(map(str, path))} {list(shape)} "
-                        f"(config.json and the weights disagree)")
-    _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
-    used.update(names)
-  extra = sorted(k for k in tensors if k not in used and not k.startswith(DROPPED_PREFIXES)
-                 and k not in BUFFERS and not (k.startswith("pooler.") and not cfg.pooler))
-  if extra:
-    raise ConfigError(f"{where} has tensors this BERT does not read: {', '.join(extra[:4])}"
-                      f"{' ...' if len(extra) > 4 else ''} ({len(extra)}); is it a BERT variant?")
-  return params
+  return tensors_lib.assemble(
+      _normalize_names(tensors), _name_map(cfg), want, _convert, where=where,
+      needed_by=f"a BertModel with {cfg.num_layers} layers{' and a pooler' if cfg.pooler else ''}",
+      reader="BERT", source="config.json", unread_hint="is it a BERT variant?",
+      ignore=lambda k: (k.startswith(DROPPED_PREFIXES) or k in BUFFERS
+                        or (k.startswith("pooler.") and not cfg.pooler)))
 
 
 def load_weights(bert: Bert, folder: str | Path) -> None:
@@ -373,7 +328,7 @@ def hf_tensors(bert: Bert) -> dict[str, np.ndarray]:
   params = nnx.state(bert, nnx.Param).to_pure_dict()
   out = {}
   for names, path, how in _name_map(bert.cfg):
-    value = np.asarray(_get(params, path), np.float32)
+    value = np.asarray(tensors_lib.get_path(params, path), np.float32)
     if how == "copy":
       parts = [value]
     elif how == "linear":
