@@ -40,7 +40,11 @@ class LogMelConfig:
 
   @property
   def num_frames(self) -> int:
-    return 1 + (self.clip_samples - self.frame_length) // self.frame_step
+    return 1 + (self.clip_samples - self.frame_length) // self.frame_step  # a Python int
+
+  def frames(self, samples):
+    """Whole STFT frames in `samples` samples (at least 1); numbers or arrays."""
+    return jnp.maximum(1 + (samples - self.frame_length) // self.frame_step, 1)
 
   def check(self) -> None:
     """ValueError naming the first inconsistent field."""

@@ -22,13 +22,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from research import audio
 from research.audio import AugmentConfig, LogMelConfig
 from research.models.bilstm import reverse_within_length
 from research.models.lstm import LSTM
+from research.models.seq2seq import sinusoid
 from research.nn.attention import padding_segments
 from research.nn.transformer import Block
 
@@ -80,20 +80,6 @@ def subsampled_length(frames):
   return (frames + 3) // 4
 
 
-def frames_of(samples, cfg: LogMelConfig):
-  """Whole STFT frames in `samples` samples (at least 1)."""
-  return jnp.maximum(1 + (samples - cfg.frame_length) // cfg.frame_step, 1)
-
-
-def sinusoids(length: int, dim: int) -> np.ndarray:
-  position = np.arange(length)[:, None]
-  rates = 1.0 / 10000 ** (np.arange(0, dim, 2) / dim)
-  table = np.zeros((length, dim), np.float32)
-  table[:, 0::2] = np.sin(position * rates)
-  table[:, 1::2] = np.cos(position * rates)[:, :dim // 2]
-  return table
-
-
 class CTCRecognizer(nnx.Module):
 
   def __init__(self, cfg: CTCRecognizerConfig, *, rngs: nnx.Rngs):
@@ -140,7 +126,7 @@ class CTCRecognizer(nnx.Module):
     whose first `lengths` samples are the utterance."""
     spec_BxTxM = self.features(waves_BxS, rngs=rngs)
     T = spec_BxTxM.shape[1]
-    frames_B = jnp.minimum(frames_of(lengths_B, self.cfg.frontend), T)
+    frames_B = jnp.minimum(self.cfg.frontend.frames(lengths_B), T)
     valid_BxT = jnp.arange(T)[None, :] < frames_B[:, None]
     x = jnp.where(valid_BxT[..., None], spec_BxTxM, 0.0)[..., None].astype(self.cfg.dtype)
     x = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))  # [B, T', M', C]
@@ -150,7 +136,7 @@ class CTCRecognizer(nnx.Module):
     valid_BxT = jnp.arange(Tq)[None, :] < out_B[:, None]
     deterministic = rngs is None
     if self.cfg.kind == "transformer":
-      x_BxTxD = x_BxTxD + sinusoids(Tq, x_BxTxD.shape[-1]).astype(x_BxTxD.dtype)
+      x_BxTxD = x_BxTxD + sinusoid(jnp.arange(Tq), x_BxTxD.shape[-1]).astype(x_BxTxD.dtype)
       x_BxTxD = self.dropout(x_BxTxD, deterministic=deterministic, rngs=rngs)
       segments = padding_segments(valid_BxT)
       for block in self.blocks:

@@ -2,8 +2,8 @@
 
 Training batches are fresh synthetic utterances (`research.data.connected_digits`) drawn from
 a generator seeded by (seed, step), so a batch is a pure function of the step and a resumed
-run sees the same data; the loss is `optax.ctc_loss` summed over the batch and divided by its
-number of reference labels. Evaluation on each fixed split: that loss (per label), and, from
+run sees the same data; the loss is the CTC loss (`research.ctc.ctc_loss`) summed over the batch
+and divided by its number of reference labels. Evaluation on each fixed split: that loss (per label), and, from
 the task's `evaluate`, transcripts decoded greedily and by CTC prefix beam search, scored by
 digit error rate (`der_*`, with jiwer) and utterance accuracy (`utt_acc_*`). After training
 the run folder gets `transcripts_<split>.tsv`: each utterance's recordings, reference and
@@ -37,7 +37,7 @@ def normalization(utts: cd.Utterances, cfg: LogMelConfig) -> tuple[float, float]
   """Mean and standard deviation of the log-mels of the utterances' frames (not the padding)."""
   spec = np.asarray(audio.log_mel_jit(utts.waves, dataclasses.replace(cfg, mean=0.0, std=1.0)),
                     np.float64)
-  frames = np.maximum(1 + (utts.lengths - cfg.frame_length) // cfg.frame_step, 1)
+  frames = np.asarray(cfg.frames(utts.lengths))
   valid = spec[np.arange(spec.shape[1])[None, :] < frames[:, None]]
   return float(valid.mean()), float(max(valid.std(), 1e-6))
 
