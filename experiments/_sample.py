@@ -2,8 +2,10 @@
 
 Samples a continuation of `--prompt` from a language model: a pretrained GGUF checkpoint (a
 file, or a known name such as `SmolLM2-135M-Instruct`, imported by `research.pretrained.gguf`
-into this codebase's GPT) or the run folder of a language-model experiment (`gpt_shakespeare`,
-`lstm_shakespeare`, ...; `research.load.load_model`). Greedy at temperature 0 (the default);
+into this codebase's GPT), a Hugging Face GPT-2 / Llama / Qwen2 folder (config.json +
+safetensors + tokenizer files; `research.pretrained.hf_gpt`) or the run folder of a
+language-model experiment (`gpt_shakespeare`, `lstm_shakespeare`, ...;
+`research.load.load_model`). Greedy at temperature 0 (the default);
 the KV cache of `research.models.sampling.generate`. `--chat` wraps the prompt in the
 checkpoint's chat template; generation stops at its end-of-sequence token. `--json` prints one
 JSON object: the prompt, the token ids (prompt and generated) and the generated text.
@@ -26,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
       prog="python -m experiments sample",
       description="Samples a continuation of --prompt from a language model (greedy by default).")
   parser.add_argument("--init_from", "--pretrained", required=True,
-                      help="a GGUF file, a known checkpoint name (SmolLM2-135M-Instruct) or a run "
-                           "folder of a language-model experiment")
+                      help="a GGUF file, a known checkpoint name (SmolLM2-135M-Instruct), a "
+                           "Hugging Face GPT-2/Llama folder or a run folder of a language-model "
+                           "experiment")
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
@@ -42,8 +45,15 @@ def _parser() -> argparse.ArgumentParser:
 def _load(init_from: str, prompt: str, chat: bool, max_new_tokens: int):
   """(model, tokenizer, prompt ids, end-of-sequence id or None, the prompt as encoded)."""
   run = Path(init_from).expanduser()
+  from research.load import MODEL_FILE
+
+  if run.is_dir() and not (run / MODEL_FILE).is_file() and (run / "config.json").is_file():
+    from research.pretrained import hf
+
+    if "model_type" in hf.read_config(run):  # a Hugging Face folder, not a run's config
+      return _load_hf(run, prompt, chat, max_new_tokens)
   if run.is_dir():
-    from research.load import MODEL_FILE, load_model
+    from research.load import load_model
 
     if not (run / MODEL_FILE).is_file():
       raise ConfigError(f"{run} is not a run folder (no {MODEL_FILE})")
@@ -65,6 +75,23 @@ def _load(init_from: str, prompt: str, chat: bool, max_new_tokens: int):
   # The KV cache holds just what this prompt and its answer need.
   model = gguf.from_gguf(init_from, max_context=len(ids) + max_new_tokens)
   return model, tokenizer, ids, eos, text
+
+
+def _load_hf(folder: Path, prompt: str, chat: bool, max_new_tokens: int):
+  """`_load` for a Hugging Face GPT-2 / Llama / Qwen2 folder (`research.pretrained.hf_gpt`)."""
+  from research.pretrained import gguf, hf, hf_gpt
+
+  config = hf.read_config(folder)
+  hf_gpt.gpt_config(config)  # a wrong family is an error before the tokenizer is read
+  tokenizer = hf.load_tokenizer(folder)
+  text = gguf.chat_prompt(tokenizer, prompt) if chat else prompt
+  ids = [int(i) for i in tokenizer.encode(text)]
+  if not ids:
+    raise ConfigError("the prompt encodes to no tokens")
+  eos = config.get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) and eos else eos
+  return (hf_gpt.from_pretrained(folder, max_context=len(ids) + max_new_tokens), tokenizer,
+          ids, eos if isinstance(eos, int) else None, text)
 
 
 def main(argv: list[str]) -> int:

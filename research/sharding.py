@@ -35,10 +35,24 @@ def split_cpu_into_devices(*batch_sizes: int) -> int:
   JAX first touches a device; an explicit device count in XLA_FLAGS wins. Returns the count."""
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
-    return int(flags.split("xla_force_host_platform_device_count=")[1].split()[0])
-  count = cpu_device_count(len(os.sched_getaffinity(0)), batch_sizes)
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    count = int(flags.split("xla_force_host_platform_device_count=")[1].split()[0])
+  else:
+    count = cpu_device_count(len(os.sched_getaffinity(0)), batch_sizes)
+    flags = f"{flags} --xla_force_host_platform_device_count={count}"
+  os.environ["XLA_FLAGS"] = patient_cpu_collectives(flags)
   return count
+
+
+def patient_cpu_collectives(flags: str) -> str:
+  """`flags` plus long XLA:CPU collective timeouts, unless they are set. Each CPU device is a
+  thread; on a loaded host one can reach an all-reduce tens of seconds after the others, and
+  XLA:CPU's default then aborts the process after 40 s (measured: a busy 2-core machine
+  killed a 2-device speedrun run this way)."""
+  for name, seconds in (("xla_cpu_collective_call_terminate_timeout_seconds", 3600),
+                        ("xla_cpu_collective_call_warn_stuck_timeout_seconds", 600)):
+    if name not in flags:
+      flags = f"{flags} --{name}={seconds}"
+  return flags.strip()
 
 
 def make_mesh(devices=None) -> Mesh:

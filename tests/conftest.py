@@ -2,10 +2,12 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = " ".join(
+from research.sharding import patient_cpu_collectives  # jax reads XLA_FLAGS at its first device use
+
+os.environ["XLA_FLAGS"] = patient_cpu_collectives(" ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split()
     if not f.startswith("--xla_force_host_platform_device_count")
-) + " --xla_force_host_platform_device_count=8"
+) + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402

@@ -52,15 +52,16 @@ def test_pallas_matches_xla_with_padding_segments(causal):
 
 def test_impossible_requests_fail_with_a_clear_error():
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match="not a dense mask"):
-    dot_product_attention(q, k, v, mask_BxHxTxS=jnp.ones((1, 1, 12, 12), bool),
-                          implementation="pallas")
+  for kernel in ("pallas", "mosaic"):
+    with pytest.raises(ValueError, match="not a dense mask"):
+      dot_product_attention(q, k, v, mask_BxHxTxS=jnp.ones((1, 1, 12, 12), bool),
+                            implementation=kernel)
   with pytest.raises(ValueError, match="return_weights takes causal and segment-id masks"):
     dot_product_attention(q, k, v, mask_BxHxTxS=jnp.ones((1, 1, 12, 12), bool),
                           return_weights=True)
   with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
     dot_product_attention(q, k, v, implementation="cudnn")
-  with pytest.raises(ValueError, match="choose one of xla, cudnn, pallas, auto"):
+  with pytest.raises(ValueError, match="choose one of xla, cudnn, pallas, mosaic, auto"):
     dot_product_attention(q, k, v, implementation="flash")
 
 

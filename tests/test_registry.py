@@ -13,6 +13,7 @@ TESTS = Path(__file__).parent
 # A new experiment fails `test_every_experiment_has_a_tiny_variant_run_by_a_test` until its
 # tiny run is added to a test and listed here.
 TINY_RUNS = {
+    "audio_visual_digits": ("test_audio_visual_digits.py", "test_tiny_run_resumes_exactly_and_is_summarized"),
     "clinc_intent": ("test_text_classification.py", "test_clinc_tiny_end_to_end"),
     "connected_digits": ("test_connected_digits.py", "test_tiny_run_resumes_exactly_and_transcribes"),
     "fashion_mnist_vision": ("test_fashion_mnist.py", "test_tiny_variant_trains_and_writes_its_report"),
@@ -23,6 +24,7 @@ TINY_RUNS = {
     "movielens_sasrec": ("test_recommendation.py", "tiny_runs"),
     "multi30k_translation": ("test_multi30k.py", "test_tiny_lstm_with_separate_vocabularies_trains"),
     "scaling_laws": ("test_scaling_laws.py", "test_tiny_sweep_fits_and_a_rerun_skips_finished_sizes"),
+    "smollm_shakespeare": ("test_lm_finetune.py", "lora_run"),
     "sst2_sentiment": ("test_text_classification.py", "test_sst2_tiny_end_to_end"),
     "spoken_digits": ("test_speech.py", "test_tiny_variant_runs_resumes_exactly_and_predicts"),
     "spoken_digits_speakers": ("test_speech.py",

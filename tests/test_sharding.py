@@ -137,3 +137,17 @@ def test_cpu_device_count_divides_every_batch_and_respects_the_cores():
   assert sharding.cpu_device_count(8, (7,)) == 7
   assert sharding.cpu_device_count(8, (9, 15)) == 3
   assert sharding.cpu_device_count(1, (12,)) == 1
+
+
+def test_simulated_cpu_devices_wait_long_for_each_other(monkeypatch):
+  # A late device thread must not abort the run after XLA:CPU's default 40 s.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_collective_call_terminate_timeout_seconds=7")
+  monkeypatch.setattr(sharding.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+  assert sharding.split_cpu_into_devices(12) == 2
+  flags = sharding.os.environ["XLA_FLAGS"].split()
+  assert "--xla_force_host_platform_device_count=2" in flags
+  assert "--xla_cpu_collective_call_terminate_timeout_seconds=7" in flags  # the user's value
+  assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600" in flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+  assert sharding.split_cpu_into_devices(12) == 3
+  assert "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in sharding.os.environ["XLA_FLAGS"]

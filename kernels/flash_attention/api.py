@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.flash_attention import pallas, reference
+from kernels.flash_attention import dispatch, mosaic, pallas, reference
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "mosaic", "auto")
 _COMPILED_DTYPES = {  # what the compiled kernels accept, per back-end
     "gpu": (jnp.float32, jnp.bfloat16, jnp.float16),
     "tpu": (jnp.float32, jnp.bfloat16),
 }
-# (block_q, block_k) when not given. GPU: a 64-row key tile keeps the dk/dv kernel's two
-# float32 accumulators within the register file; TPU: 128 fills the MXU and lane tiles.
-_DEFAULT_BLOCKS = {"gpu": (128, 64), "tpu": (128, 128), "cpu": (128, 128)}
+# The forward kernel's (block_q, block_k) when not given, for the support check; each kernel's
+# own default tiles are `pallas.default_tiles`.
+_DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128), "cpu": (128, 128)}
 # TPU keeps the whole k and v of one head in VMEM (twice, for double buffering).
 _TPU_KV_VMEM_BYTES = 8 * 2**20
 
@@ -37,12 +38,15 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
       seq_k); or a (q_segment_ids [batch, seq_q], kv_segment_ids [batch, seq_k])
       pair. A query attends only keys with the same id (packed sequences).
     sm_scale: logit scale; default 1 / sqrt(head_dim).
-    block_q, block_k: Pallas tile sizes, powers of two >= 8 (None: 128 x 64 on GPU,
-      128 x 128 elsewhere), clipped to the sequence; sequences need not be
-      multiples of them (they are padded, and padded keys masked).
+    block_q, block_k: Pallas tile sizes, powers of two >= 8, for all three kernels (None:
+      each kernel's own default, `pallas.default_tiles`), clipped to the sequence; sequences
+      need not be multiples of them (they are padded, and padded keys masked).
     implementation: "pallas" (this package's kernels), "xla" or "cudnn" (through
-      `jax.nn.dot_product_attention`), or "auto": compiled Pallas where the device
-      (GPU, TPU) and shapes support it, else XLA (never the slow interpreter).
+      `jax.nn.dot_product_attention`), or "auto" (`dispatch.choose`): on GPU cuDNN where it
+      serves the call, else XLA, and Pallas only where measured faster on this device kind;
+      on TPU compiled Pallas where the shapes allow; else XLA (never the slow interpreter).
+      "mosaic": the Hopper (sm_90) Mosaic GPU kernels of `mosaic.py` (bf16/fp16, head dim
+      64 or 128, blocks multiples of 128: default 128 x 128); interpreted on CPU.
     interpret: run Pallas in interpret mode; None means only on CPU.
 
   Returns:
@@ -51,12 +55,20 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
   """
   backend = jax.default_backend()
   default_q, default_k = _DEFAULT_BLOCKS.get(backend, _DEFAULT_BLOCKS["cpu"])
+  given_blocks = dict(block_q=block_q, block_k=block_k)  # None: each kernel's default
   block_q, block_k = block_q or default_q, block_k or default_k
   q_seg, kv_seg = _validate(q, k, v, segment_ids, block_q, block_k, implementation)
   interpret = backend == "cpu" if interpret is None else interpret
   unsupported = _pallas_unsupported(backend, interpret, q, k, block_q, block_k)
   if implementation == "auto":
-    implementation = "xla" if unsupported or interpret else "pallas"
+    device = jax.devices()[0]
+    implementation = dispatch.choose(
+        backend, device_kind=device.device_kind,
+        compute_capability=getattr(device, "compute_capability", None), dtype=q.dtype.name,
+        head_dim=q.shape[-1], causal=causal, masked=q_seg is not None, interpret=interpret,
+        pallas_unsupported={"pallas": unsupported,
+                            "mosaic": _why_not(_check_mosaic, backend, interpret, q, q_seg,
+                                               causal, given_blocks)})
   if implementation == "pallas" and unsupported:
     raise ValueError(f"implementation='pallas' is unsupported here: {unsupported}")
   if implementation == "cudnn" and backend != "gpu":
@@ -66,9 +78,43 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
                                   kv_seg_BxS=kv_seg)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=causal,
                                         implementation=implementation)
+  if implementation == "mosaic":
+    _check_mosaic(backend, interpret, q, q_seg, causal, given_blocks)
+    return _pallas_attention(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
+                             **given_blocks, target="mosaic-interpret" if interpret else "mosaic")
   return _pallas_attention(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-                           block_q=block_q, block_k=block_k,
-                           target="interpret" if interpret else backend)
+                           **given_blocks, target="interpret" if interpret else backend)
+
+
+def _why_not(check, *args) -> str | None:
+  """A check that raises ValueError, as the reason it gives (None: it passes)."""
+  try:
+    check(*args)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+def _check_mosaic(backend, interpret, q, q_seg, causal, given_blocks):
+  """implementation='mosaic': a Hopper GPU, or jax's GPU interpreter; shapes it can take."""
+  if not interpret:
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if backend != "gpu" or capability not in (None, "9.0"):
+      raise ValueError("implementation='mosaic' needs an NVIDIA Hopper GPU (sm_90), or "
+                       f"interpret=True; the backend is {backend!r}"
+                       + (f" (compute capability {capability})" if capability else ""))
+  reason = mosaic.unsupported(_mosaic_config(q.shape[-1], causal, None, q.shape[1], interpret,
+                                             **given_blocks), q.shape[-1], q.dtype,
+                              q_seg is not None)
+  if reason:
+    raise ValueError(f"implementation='mosaic' is unsupported here: {reason}")
+
+
+def _mosaic_config(head_dim, causal, sm_scale, seq_k, interpret, block_q, block_k):
+  default_q, default_k = mosaic.DEFAULT_BLOCKS
+  return mosaic.Config(sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
+                       causal=causal, block_q=block_q or default_q, block_k=block_k or default_k,
+                       seq_k=seq_k, interpret=interpret)
 
 
 def _validate(q, k, v, segment_ids, block_q, block_k, implementation):
@@ -134,12 +180,18 @@ def _pallas_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_seg_BxT, kv_seg_BxS, *,
                       sm_scale, block_q, block_k, target):
   T, D = q_BxTxHxD.shape[1], q_BxTxHxD.shape[3]
   S = k_BxSxKxD.shape[1]
-  cfg = pallas.Config(sm_scale=D ** -0.5 if sm_scale is None else float(sm_scale),
-                      causal=causal, block_q=_block(block_q, T), block_k=_block(block_k, S),
-                      seq_k=S, target=target)
+  # A block size given by the caller sets that side of every kernel's tile.
+  tiles = {name: dataclasses.replace(t, block_q=_block(block_q or t.block_q, T),
+                                     block_k=_block(block_k or t.block_k, S))
+           for name, t in pallas.default_tiles(target, D).items()}
+  if target.startswith("mosaic"):
+    cfg = _mosaic_config(D, causal, sm_scale, S, target == "mosaic-interpret", block_q, block_k)
+  else:
+    cfg = pallas.Config(sm_scale=D ** -0.5 if sm_scale is None else float(sm_scale),
+                        causal=causal, seq_k=S, target=target, **tiles)
   # Kernels see head-major [B, H, T, D] with T and S padded to whole blocks; padded
   # keys are masked inside, padded queries are computed and dropped here.
-  pad_q, pad_k = _round_up(T, cfg.block_q) - T, _round_up(S, cfg.block_k) - S
+  pad_q, pad_k = _round_up(T, cfg.q_multiple) - T, _round_up(S, cfg.k_multiple) - S
 
   def head_major(x, pad):
     return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -155,17 +207,22 @@ def _pallas_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_seg_BxT, kv_seg_BxS, *,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_seg, kv_seg, cfg):
-  return pallas.forward(q, k, v, q_seg, kv_seg, cfg)[0]
+  return _kernels(cfg).forward(q, k, v, q_seg, kv_seg, cfg)[0]
+
+
+def _kernels(cfg):
+  """The kernel module a config belongs to (same forward/backward contract)."""
+  return mosaic if isinstance(cfg, mosaic.Config) else pallas
 
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, cfg):
-  o, lse = pallas.forward(q, k, v, q_seg, kv_seg, cfg)
+  o, lse = _kernels(cfg).forward(q, k, v, q_seg, kv_seg, cfg)
   return o, (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def _flash_bwd(cfg, residuals, do):
   q, k, v, q_seg, kv_seg, o, lse = residuals
-  dq, dk, dv = pallas.backward(q, k, v, q_seg, kv_seg, o, lse, do, cfg)
+  dq, dk, dv = _kernels(cfg).backward(q, k, v, q_seg, kv_seg, o, lse, do, cfg)
   return dq, dk, dv, None, None
 
 

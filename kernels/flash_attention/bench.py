@@ -8,6 +8,17 @@ causal), backward 2.5× forward. `--check` instead compares the compiled Pallas
 kernels with the reference on this device. Either exits 1 if a case fails (a benchmark row
 that is neither timed nor out of memory; a check that errs or misses its tolerance). On CPU everything runs tiny, in
 interpret mode: that shows the harness works and says nothing about speed.
+
+`--jsonl FILE` appends every row to FILE as it is measured (a cut run keeps what it measured);
+`--error` adds each row's max error against the float32 reference (forward: the output;
+forward+backward: the worst of dq, dk, dv), relative to the reference's largest magnitude;
+`--segments` benchmarks packed sequences (three documents per row, as segment ids);
+`--record` (GPU/TPU only) writes the run's forward+backward TFLOP/s into `measured.json`, the
+table `implementation="auto"` consults (see dispatch.py). Rows carry `vs_cudnn`, the ratio to
+cuDNN's TFLOP/s in the same case, when cuDNN ran (it is timed first).
+
+Imports only jax, numpy and matplotlib (for the plot) besides this package, so it runs on a
+bare accelerator image (tests/kernels/test_dispatch_lowering.py checks that in a subprocess).
 """
 
 from __future__ import annotations
@@ -19,13 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.flash_attention import api, reference
+from kernels.flash_attention import api, dispatch, reference
 
 # Dense bf16 peak TFLOP/s from vendor spec sheets; first substring of device_kind that matches.
 PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("v6 lite", 918.0),
@@ -44,9 +56,11 @@ def attention_flops(batch, heads, seq, head_dim, causal, mode):
 
 
 def available_implementations():
-  impls = ["pallas", "xla"]
-  if jax.default_backend() == "gpu":
-    impls.append("cudnn")
+  """Every implementation api lists that this backend runs (cuDNN first: the others' ratios
+  are to it); "mosaic" (Hopper) only on GPU, and only if this api has it."""
+  on_gpu = jax.default_backend() == "gpu"
+  impls = [impl for impl in ("cudnn", "mosaic", "pallas", "xla")
+           if impl in api.IMPLEMENTATIONS and (on_gpu or impl not in ("cudnn", "mosaic"))]
   try:
     import tokamax  # noqa: F401  (optional)
     impls.append("tokamax")
@@ -55,12 +69,32 @@ def available_implementations():
   return impls
 
 
-def attention_fn(impl, causal, blocks):
+def attention_fn(impl, causal, blocks, segment_ids=None):
   if impl == "tokamax":
+    if segment_ids is not None:
+      raise ValueError("the tokamax row takes no segment ids here")
     import tokamax
     return lambda q, k, v: tokamax.dot_product_attention(q, k, v, is_causal=causal)
-  return lambda q, k, v: api.flash_attention(q, k, v, causal=causal, implementation=impl,
-                                             **blocks)
+  return lambda q, k, v: api.flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                             implementation=impl, **blocks)
+
+
+def blocks_for(args, impl) -> dict:
+  """Tile sizes for `impl`: those given on the command line, else tiny mode's 16 x 16 for the
+  Triton-path kernel only (the mosaic kernel has its own minimum tiles)."""
+  return args.blocks if args.blocks_given or impl == "pallas" else {}
+
+
+def packed_segment_ids(batch, seq):
+  """Three documents per row, as packed pretraining batches have them."""
+  return jnp.broadcast_to(jnp.arange(seq) * 3 // seq, (batch, seq)).astype(jnp.int32)
+
+
+def relative_error(actual, expected) -> float:
+  """max |actual - expected| / max |expected|, in float32."""
+  expected = expected.astype(jnp.float32)
+  return float(jnp.max(jnp.abs(actual.astype(jnp.float32) - expected))
+               / jnp.maximum(jnp.max(jnp.abs(expected)), 1e-30))
 
 
 def step_fn(fn, mode):
@@ -87,18 +121,34 @@ def _failure(error: Exception) -> str:
   return f"failed: {type(error).__name__}: {text.strip().splitlines()[0][:160] if text.strip() else ''}"
 
 
-def run_case(impl, mode, seq, head_dim, causal, args, key):
+def run_case(impl, mode, seq, head_dim, causal, args, key, references=None):
   heads = args.dim // head_dim
   batch = max(1, args.tokens // seq)
-  row = dict(impl=impl, mode=mode, seq=seq, head_dim=head_dim, causal=causal, batch=batch,
-             heads=heads, dtype=args.dtype)
+  row = dict(impl=impl, mode=mode, seq=seq, head_dim=head_dim, causal=causal,
+             masked=args.segments, batch=batch, heads=heads, dtype=args.dtype,
+             **blocks_for(args, impl))
   shape = (batch, seq, heads, head_dim)
+  segment_ids = packed_segment_ids(batch, seq) if args.segments else None
   try:
     inputs = [jax.random.normal(k, shape, args.dtype) for k in jax.random.split(key, 4)]
     inputs = inputs[:3] if mode == "fwd" else inputs
-    compiled = step_fn(attention_fn(impl, causal, args.blocks), mode).lower(*inputs).compile()
+    fn = (attention_fn(impl, causal, blocks_for(args, impl)) if segment_ids is None
+          else attention_fn(impl, causal, blocks_for(args, impl), segment_ids))
+    compiled = step_fn(fn, mode).lower(*inputs).compile()
     seconds = median_seconds(compiled, inputs, args.warmup, args.repeats)
     memory = compiled.memory_analysis()
+    if references is not None:
+      ref_key = (mode, seq, head_dim, causal)
+      if ref_key not in references:
+        ref = lambda q, k, v: reference.attention(q, k, v, causal=causal,
+                                                  segment_ids=segment_ids)[0]
+        upcast = [x.astype(jnp.float32) for x in inputs]
+        references[ref_key] = jax.device_get(step_fn(ref, mode)(*upcast))
+      expected = references[ref_key]
+      got = compiled(*inputs)
+      pairs = [(got, expected)] if mode == "fwd" else list(zip(got, expected))
+      row["error"] = max(relative_error(a, jnp.asarray(b)) for a, b in pairs)
+      del got
   # A row per failure (unsupported shape, OOM, compile error) instead of a crash.
   except Exception as error:  # noqa: BLE001
     row["status"] = _failure(error)
@@ -169,10 +219,20 @@ def benchmark(args):
     for head_dim in args.head_dims:
       for causal in args.causal:
         for seq in args.seqs:
+          references = {} if args.error else None
+          cudnn = {}
           for impl in args.impls:
             for mode in ("fwd", "fwd+bwd"):
-              row = run_case(impl, mode, seq, head_dim, causal, args, key)
+              row = run_case(impl, mode, seq, head_dim, causal, args, key, references)
+              if impl == "cudnn" and row["status"] == "ok":
+                cudnn[mode] = row["tflops"]
+              if row["status"] == "ok" and mode in cudnn:
+                row["vs_cudnn"] = row["tflops"] / cudnn[mode]
+              row.update(device=device.device_kind, jax=jax.__version__)
               print(json.dumps(row), flush=True)
+              if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                  f.write(json.dumps(dict(stage=args.stage, **row)) + "\n")
               rows.append(row)
   slug = device.device_kind.lower().replace(" ", "-")
   title = (f"flash attention on {device.device_kind}, jax {jax.__version__}, {args.dtype}, "
@@ -183,6 +243,11 @@ def benchmark(args):
       dict(device=device.device_kind, jax=jax.__version__, rows=rows), indent=1))
   plot(rows, args.out / f"{slug}.png", title)
   print(f"wrote {args.out}/{slug}.{{md,json,png}}")
+  if args.record:
+    written = dispatch.record(rows, device.device_kind, jax.__version__,
+                              "python -m kernels.flash_attention.bench " + " ".join(args.argv),
+                              args.table)
+    print(f"recorded {len(written)} rows in {args.table}")
   # OOM is a measurement (the size does not fit); any other failure is a broken case.
   failed = [r for r in rows if r["status"] not in ("ok", "OOM")]
   if failed:
@@ -191,47 +256,70 @@ def benchmark(args):
 
 
 def check(args):
-  """Compiled Pallas vs the reference (fwd and all grads) at a few shapes; exit 1 on failure."""
-  tolerance = {"bfloat16": 3e-2, "float32": 1e-4}
-  tiny = args.tiny
+  """Compiled Pallas kernels (every one of `--impls` that is this package's: pallas, mosaic)
+  vs the reference, forward and all grads, at a few shapes; exit 1 on any failure. `--smoke`:
+  one small bf16 shape (causal, GQA, segment ids) per kernel, full error text kept."""
+  tolerance = {"bfloat16": 3e-2, "float16": 5e-3, "float32": 1e-4}
   # (batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, with segment ids)
-  cases = ([(1, 40, 40, 2, 1, 32, True, True), (1, 24, 56, 2, 2, 32, False, False)] if tiny else
-           [(2, 1024, 1024, 8, 8, 128, True, False), (2, 1000, 1000, 8, 2, 64, False, True),
-            (1, 512, 1536, 4, 1, 128, False, False), (1, 2048, 2048, 4, 4, 128, True, True)])
-  failures = 0
+  if args.smoke:
+    # head_dim 64: the smallest the mosaic kernel takes.
+    cases = [(1, 40, 40, 4, 2, 64, True, True)] if args.tiny else [(2, 512, 512, 8, 2, 128,
+                                                                     True, True)]
+  elif args.tiny:
+    cases = [(1, 40, 40, 2, 1, 64, True, True), (1, 24, 56, 2, 2, 64, False, False)]
+  else:
+    cases = [(2, 1024, 1024, 8, 8, 128, True, False), (2, 1000, 1000, 8, 2, 64, False, True),
+             (1, 512, 1536, 4, 1, 128, False, False), (1, 2048, 2048, 4, 4, 128, True, True)]
+  impls = [impl for impl in args.impls if impl in dispatch.PALLAS_FAMILY]
+  failures = total = 0
   key = jax.random.key(1)
-  for dtype in ("bfloat16", "float32"):
-    for batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, with_segments in cases:
-      kq, kk, kv, kd = jax.random.split(jax.random.fold_in(key, seq_q * seq_k), 4)
-      q = jax.random.normal(kq, (batch, seq_q, heads, head_dim), dtype)
-      k, v = (jax.random.normal(x, (batch, seq_k, kv_heads, head_dim), dtype) for x in (kk, kv))
-      do = jax.random.normal(kd, q.shape, dtype)
-      segment_ids = None
-      if with_segments:  # three packed documents per row
-        segment_ids = jnp.broadcast_to(jnp.arange(seq_q) * 3 // seq_q, (batch, seq_q))
-      common = dict(causal=causal, segment_ids=segment_ids)
-      fn = jax.jit(lambda q, k, v, do: jax.vjp(
-          lambda *a: api.flash_attention(*a, implementation="pallas", **args.blocks, **common),
-          q, k, v))
-      ref = jax.jit(lambda q, k, v: jax.vjp(lambda *a: reference.attention(*a, **common)[0],
-                                            q, k, v))
-      name = f"{dtype} B={batch} T={seq_q} S={seq_k} H={heads} K={kv_heads} D={head_dim} " \
-             f"causal={causal} segments={with_segments}"
-      try:
-        out, vjp = fn(q, k, v, do)
-        expected, ref_vjp = ref(*(x.astype(jnp.float32) for x in (q, k, v)))
-        pairs = [("out", out, expected),
-                 *zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do.astype(jnp.float32)))]
-        errors = {n: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))
-                           / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30)) for n, a, b in pairs}
-        ok = all(np.isfinite(e) and e <= tolerance[dtype] for e in errors.values())
-        detail = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
-      except Exception as error:  # noqa: BLE001  (report every case, then fail)
-        ok, detail = False, _failure(error)
-      failures += not ok
-      print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
-  print(f"{failures} of {2 * len(cases)} checks failed" if failures else "all checks passed")
-  return 1 if failures else 0
+  for impl in impls:
+    # The Hopper kernel takes bf16 and fp16 only: its second dtype is fp16, not float32.
+    dtypes = ("bfloat16",) if args.smoke else (
+        "bfloat16", "float16" if impl == "mosaic" else "float32")
+    for dtype in dtypes:
+      for case in cases:
+        batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, with_segments = case
+        kq, kk, kv, kd = jax.random.split(jax.random.fold_in(key, seq_q * seq_k), 4)
+        q = jax.random.normal(kq, (batch, seq_q, heads, head_dim), dtype)
+        k, v = (jax.random.normal(x, (batch, seq_k, kv_heads, head_dim), dtype)
+                for x in (kk, kv))
+        do = jax.random.normal(kd, q.shape, dtype)
+        segment_ids = packed_segment_ids(batch, seq_q) if with_segments else None
+        common = dict(causal=causal, segment_ids=segment_ids)
+        fn = jax.jit(lambda q, k, v, do: jax.vjp(
+            lambda *a: api.flash_attention(*a, implementation=impl, **blocks_for(args, impl),
+                                         **common),
+            q, k, v))
+        ref = jax.jit(lambda q, k, v: jax.vjp(lambda *a: reference.attention(*a, **common)[0],
+                                              q, k, v))
+        name = f"{impl} {dtype} B={batch} T={seq_q} S={seq_k} H={heads} K={kv_heads} " \
+               f"D={head_dim} causal={causal} segments={with_segments}"
+        row = dict(impl=impl, dtype=dtype, batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads,
+                   kv_heads=kv_heads, head_dim=head_dim, causal=causal, masked=with_segments,
+                   tolerance=tolerance[dtype], **blocks_for(args, impl))
+        try:
+          out, vjp = fn(q, k, v, do)
+          expected, ref_vjp = ref(*(x.astype(jnp.float32) for x in (q, k, v)))
+          pairs = [("out", out, expected),
+                   *zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do.astype(jnp.float32)))]
+          errors = {n: relative_error(a, b) for n, a, b in pairs}
+          ok = all(np.isfinite(e) and e <= tolerance[dtype] for e in errors.values())
+          detail = " ".join(f"{n}={e:.1e}" for n, e in errors.items())
+          row.update(errors=errors)
+        except Exception as error:  # noqa: BLE001  (report every case, then fail)
+          ok, detail = False, _failure(error)
+          row.update(error_text=traceback.format_exc())
+        failures += not ok
+        total += 1
+        row.update(status="ok" if ok else "FAIL", device=jax.devices()[0].device_kind,
+                   jax=jax.__version__)
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+        if args.jsonl:
+          with open(args.jsonl, "a") as f:
+            f.write(json.dumps(dict(stage=args.stage, **row)) + "\n")
+  print(f"{failures} of {total} checks failed" if failures else f"all {total} checks passed")
+  return 1 if failures or not total else 0
 
 
 def _bool(text):
@@ -245,7 +333,8 @@ def parse_args(argv):
   parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/"
                       "flash_attention on GPU/TPU, a temporary folder on CPU)")
   parser.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-  parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+  parser.add_argument("--head-dims", type=int, nargs="+",
+                      help="default: 64 128 (32 with --tiny; given ones are kept)")
   parser.add_argument("--causal", type=_bool, nargs="+", default=[False, True],
                       metavar="{true,false}")
   parser.add_argument("--impls", nargs="+", default=None, help="default: all available")
@@ -259,14 +348,33 @@ def parse_args(argv):
   parser.add_argument("--trace", type=Path, help="write a jax.profiler trace here")
   parser.add_argument("--tiny", action="store_true", help="tiny sizes (forced on CPU)")
   parser.add_argument("--check", action="store_true", help="check correctness, don't time")
+  parser.add_argument("--smoke", action="store_true",
+                      help="with --check: one small bf16 shape per kernel")
+  parser.add_argument("--segments", action="store_true",
+                      help="packed sequences: three documents per row as segment ids")
+  parser.add_argument("--error", action="store_true",
+                      help="each row's max error against the float32 reference")
+  parser.add_argument("--jsonl", type=Path, help="append each row to this JSON-lines file")
+  parser.add_argument("--stage", default="bench", help="the `stage` field of --jsonl rows")
+  parser.add_argument("--record", action="store_true",
+                      help="write forward+backward TFLOP/s into --table (GPU/TPU only)")
+  parser.add_argument("--table", type=Path, default=dispatch.TABLE,
+                      help="the measured table --record writes (default: the one auto reads)")
   args = parser.parse_args(argv)
+  args.argv = list(argv)
   on_cpu = jax.default_backend() == "cpu"
+  if args.record and on_cpu:
+    raise SystemExit("--record writes kernels/flash_attention/measured.json, which holds "
+                     "measurements only from a GPU or TPU; this backend is cpu")
   args.tiny = args.tiny or on_cpu
+  args.blocks_given = bool(args.block_q or args.block_k)
   if args.tiny:
-    args.seqs, args.head_dims, args.causal = [64], [32], [True]
-    args.tokens, args.dim, args.warmup, args.repeats = 128, 64, 1, 2
+    args.seqs, args.head_dims, args.causal = [64], args.head_dims or [32], [True]
+    args.tokens, args.warmup, args.repeats = 128, 1, 2
+    args.dim = 2 * max(args.head_dims)  # two heads
     args.block_q = args.block_q or 16
     args.block_k = args.block_k or 16
+  args.head_dims = args.head_dims or [64, 128]
   args.blocks = {name: value for name, value in
                  (("block_q", args.block_q), ("block_k", args.block_k)) if value}
   args.impls = args.impls or available_implementations()

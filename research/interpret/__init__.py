@@ -6,7 +6,9 @@ Command line (any run folder of a GPT experiment):
   python -m research.interpret attention --workdir RUN --tokens "3 14 15 92"    (token ids)
   python -m research.interpret heads --workdir RUN      (scores on repeated random tokens)
   python -m research.interpret fourier --workdir RUN    (embedding norm per frequency of Z_p)
-Each writes PNGs (and JSON for the numbers) into RUN/interpret/ unless --out says elsewhere.
+  python -m research.interpret heads --init_from SmolLM2-135M-Instruct   (a GGUF checkpoint)
+Each writes PNGs (and JSON for the numbers) into RUN/interpret/ (runs/interpret/NAME for
+--init_from) unless --out says elsewhere; `heads` prints the strongest heads of each score.
 """
 
 from research.interpret.attention import attention_maps, plot_attention

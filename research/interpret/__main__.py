@@ -1,4 +1,6 @@
-"""python -m research.interpret {attention,heads,fourier} --workdir RUN [...]; see __init__."""
+"""python -m research.interpret {attention,heads,fourier} (--workdir RUN | --init_from CKPT) [...];
+see __init__. `--init_from` reads a pretrained GGUF checkpoint (a file or a name such as
+SmolLM2-135M-Instruct; research.pretrained.gguf) instead of a run folder."""
 
 from __future__ import annotations
 
@@ -11,12 +13,19 @@ from pathlib import Path
 import numpy as np
 
 
-def _load_gpt(workdir: str):
-  """(experiment spec, config, GPT model, tokenizer or None) of a run folder."""
+def _load_gpt(args, context: int | None = None):
+  """(experiment spec or checkpoint name, config, GPT model, tokenizer or None) of the run
+  folder `args.workdir`, or of the checkpoint `args.init_from` (its context cut to `context`)."""
   from research.config import ConfigError
   from research.load import load_model
   from research.models.gpt import GPT
 
+  if args.init_from:
+    from research.pretrained import gguf
+
+    return (Path(str(args.init_from)).stem, {}, gguf.from_gguf(args.init_from, max_context=context),
+            gguf.load_tokenizer(args.init_from))
+  workdir = args.workdir
   model, tokenizer, config = load_model(workdir)
   spec = config.get("experiment", "?")
   if not isinstance(model, GPT):
@@ -39,6 +48,8 @@ def _encode(args, tokenizer, model) -> tuple[np.ndarray, list[str]]:
       raise ConfigError("this run's model reads token ids, not text: use --tokens")
     try:
       ids = np.asarray(tokenizer.encode(args.text), np.int32)
+      if args.init_from:  # a pretrained model's input as its tokenizer cuts it, one label each
+        ids = np.asarray(tokenizer.encode(args.text, special_tokens=False), np.int32)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     labels = [repr(tokenizer.decode([i]))[1:-1] for i in ids]
@@ -54,7 +65,7 @@ def attention(args) -> list[Path]:
   """One PNG per layer: the attention map of each head on the given input."""
   from research.interpret.attention import attention_maps, plot_attention
 
-  spec, config, model, tokenizer = _load_gpt(args.workdir)
+  spec, config, model, tokenizer = _load_gpt(args, context=1024)
   ids, labels = _encode(args, tokenizer, model)
   maps_LxBxHxTxT = np.asarray(attention_maps(model, ids[None]))
   out = _out_dir(args)
@@ -64,24 +75,54 @@ def attention(args) -> list[Path]:
 
 def heads(args) -> list[Path]:
   """Induction, prefix-matching and previous-token score of every head, on random tokens."""
+  from research.config import ConfigError
   from research.interpret import scores
   from research.interpret.attention import attention_maps, plot_attention
 
-  spec, config, model, _ = _load_gpt(args.workdir)
-  n = model.cfg.block_size // 2
+  if args.length is not None and args.length < 2:
+    raise ConfigError(f"--length must be >= 2, got {args.length}")
+  if args.batch < 1 or args.chunk < 1:
+    raise ConfigError(f"--batch and --chunk must be >= 1, got {args.batch} and {args.chunk}")
+  # A checkpoint's context (SmolLM2: 8192) is cut to the probe's, for the KV-free forward pass.
+  spec, config, model, _ = _load_gpt(
+      args, context=2 * (args.length or 128) if args.init_from else None)
+  n = args.length or model.cfg.block_size // 2
+  if 2 * n > model.cfg.block_size:
+    raise ConfigError(f"--length {n}: the repeated sequence (2 x {n}) is longer than the "
+                      f"model's context of {model.cfg.block_size}")
   tokens_BxT = scores.repeated_random_tokens(np.random.default_rng(args.seed), args.batch, n,
                                              model.cfg.vocab_size)
-  maps_LxBxHxTxT = attention_maps(model, tokens_BxT)
-  results = {name: scores.score(maps_LxBxHxTxT, keys)
-             for name, keys in scores.probe_keys(tokens_BxT, n).items()}
+  keys = scores.probe_keys(tokens_BxT, n)
+  # In chunks of sequences: all maps at once are L x B x H x T x T floats (GBs for SmolLM2).
+  sums, counts, first_maps = {}, {}, None
+  for start in range(0, args.batch, args.chunk):
+    rows = slice(start, start + args.chunk)
+    maps_LxBxHxTxT = attention_maps(model, tokens_BxT[rows])
+    if first_maps is None:
+      first_maps = np.asarray(maps_LxBxHxTxT[:, 0])
+    for name, key_BxT in keys.items():
+      sums_BxLxH, count_B = scores.attention_to(maps_LxBxHxTxT, key_BxT[rows])
+      sums[name] = sums.get(name, 0) + np.asarray(sums_BxLxH, np.float64).sum(0)
+      counts[name] = counts.get(name, 0) + int(np.asarray(count_B).sum())
+  results = {name: (sums[name] / max(counts[name], 1)).astype(np.float32) for name in keys}
   out = _out_dir(args)
   (out / "heads.json").write_text(json.dumps(
       {name: s.round(4).tolist() for name, s in results.items()}, indent=1) + "\n")
+  for name in ("induction", "previous_token"):
+    top = np.argsort(results[name], axis=None)[::-1][:args.top]
+    shown = ", ".join(f"L{l}H{h} {results[name][l, h]:.3f}"
+                      for l, h in zip(*np.unravel_index(top, results[name].shape)))
+    print(f"{name} heads (layer, head, score): {shown}")
   paths = [scores.plot_head_scores(results, out / "heads.png",
                                    title=f"{spec}: head scores on {n} random tokens, repeated")]
   labels = [str(t) for t in tokens_BxT[0]]
-  for l, maps_BxHxTxT in enumerate(np.asarray(maps_LxBxHxTxT)):
-    paths.append(plot_attention(maps_BxHxTxT[0], labels, out / f"attention_repeated_layer{l}.png",
+  # Every layer's map for a small model; the layers of the strongest induction heads for a big one.
+  layers = range(len(first_maps))
+  if len(first_maps) > 8:
+    top = np.argsort(results["induction"], axis=None)[::-1][:args.top]
+    layers = sorted(set(np.unravel_index(top, results["induction"].shape)[0].tolist()))
+  for l in layers:
+    paths.append(plot_attention(first_maps[l], labels, out / f"attention_repeated_layer{l}.png",
                                 title=f"{spec}: layer {l} on a repeated random sequence"))
   return paths
 
@@ -90,7 +131,7 @@ def fourier(args) -> list[Path]:
   """Norm of the token embedding per frequency of Z_p (p: the run's data.p, else the vocab)."""
   from research.interpret import fourier as fourier_lib
 
-  spec, config, model, _ = _load_gpt(args.workdir)
+  spec, config, model, _ = _load_gpt(args, context=1)
   p = config.get("data", {}).get("p", model.cfg.vocab_size)
   norms = np.asarray(fourier_lib.frequency_norms(model.embed.embedding[...][:p]))
   keys = fourier_lib.key_frequencies(norms, args.top_k)
@@ -105,7 +146,9 @@ def fourier(args) -> list[Path]:
 
 
 def _out_dir(args) -> Path:
-  out = Path(args.out or Path(args.workdir) / "interpret")
+  default = (Path("runs") / "interpret" / Path(str(args.init_from)).stem if args.init_from
+             else Path(args.workdir) / "interpret")
+  out = Path(args.out or default)
   out.mkdir(parents=True, exist_ok=True)
   return out
 
@@ -117,8 +160,13 @@ def main(argv: list[str]) -> int:
   commands = parser.add_subparsers(dest="command", required=True)
   for name, fn in (("attention", attention), ("heads", heads), ("fourier", fourier)):
     sub = commands.add_parser(name, help=fn.__doc__.splitlines()[0])
-    sub.add_argument("--workdir", required=True, help="a run folder of a GPT experiment")
-    sub.add_argument("--out", default="", help="where the PNGs go (default: WORKDIR/interpret)")
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a run folder of a GPT experiment")
+    source.add_argument("--init_from", "--init-from",
+                        help="a pretrained GGUF checkpoint: a file or a known name "
+                             "(SmolLM2-135M-Instruct)")
+    sub.add_argument("--out", default="", help="where the PNGs go (default: WORKDIR/interpret, "
+                                               "or runs/interpret/NAME for --init_from)")
     sub.set_defaults(fn=fn)
     if name == "attention":
       given = sub.add_mutually_exclusive_group(required=True)
@@ -126,6 +174,11 @@ def main(argv: list[str]) -> int:
       given.add_argument("--tokens", help="input token ids, e.g. '3 14 15 92'")
     elif name == "heads":
       sub.add_argument("--batch", type=int, default=64, help="random sequences averaged over")
+      sub.add_argument("--chunk", type=int, default=8, help="sequences per forward pass")
+      sub.add_argument("--length", type=int, default=None,
+                       help="random tokens before the repeat (default: half the run's context; "
+                            "128 for --init_from)")
+      sub.add_argument("--top", type=int, default=5, help="strongest heads printed per score")
       sub.add_argument("--seed", type=int, default=0)
     else:
       sub.add_argument("--top-k", type=int, default=5, help="key frequencies reported")

@@ -73,11 +73,17 @@ def plot_head_scores(scores: dict[str, np.ndarray], path, *, title: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 2.8), squeeze=False)
+  L, H = np.shape(next(iter(scores.values())))
+  # A pretrained model's grid (SmolLM2: 30 x 9) gets taller and loses the per-cell numbers.
+  annotate = L * H <= 64
+  fig, axes = plt.subplots(1, len(scores), squeeze=False,
+                           figsize=(max(3.2, 0.4 * H + 1.2) * len(scores), max(2.8, 0.25 * L + 1)))
   for ax, (name, s_LxH) in zip(axes[0], scores.items()):
     s_LxH = np.asarray(s_LxH)
-    ax.imshow(s_LxH, cmap="magma", vmin=0, vmax=1, aspect="auto")
-    for (l, h), v in np.ndenumerate(s_LxH):
+    image = ax.imshow(s_LxH, cmap="magma", vmin=0, vmax=1, aspect="auto")
+    if not annotate:
+      fig.colorbar(image, ax=ax, fraction=0.05)
+    for (l, h), v in np.ndenumerate(s_LxH if annotate else np.zeros((0, 0))):
       ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=8,
               color="black" if v > 0.5 else "white")
     ax.set_xticks(range(s_LxH.shape[1]))

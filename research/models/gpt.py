@@ -12,7 +12,8 @@ and MLP down-projection) and logit soft-capping.
 The Llama architecture is this GPT with four more knobs: RMSNorm (`norm="rmsnorm"`, `norm_eps`),
 a SwiGLU MLP of its own width (`mlp_activation="swiglu"`, `mlp_dim`), RoPE with the checkpoint's
 `rope_theta`, and grouped-query attention (`num_kv_heads`); `research.pretrained.gguf` loads
-SmolLM2 into it.
+SmolLM2 into it. Two more, for other checkpoints (`research.pretrained.hf_gpt`): Llama 3.1's
+RoPE scaling (`rope_scaling`) and biases on q/k/v alone (`qkv_bias`, Qwen2).
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class GPTConfig:
   mlp_dim: int = 0  # the MLP's hidden width; 0: mlp_ratio * embed_dim
   dropout: float = 0.0
   use_bias: bool = False
+  qkv_bias: bool = False  # biases on the q/k/v projection alone (Qwen2); use_bias: on all
   position: str = "learned"  # "learned" or "rope"
   rope_theta: float = 10_000.0  # RoPE's base frequency (Llama 3 / SmolLM2: 500k / 100k)
+  # Llama 3.1's RoPE scaling: (factor, low_freq_factor, high_freq_factor, original context
+  # length), see research.nn.attention.rope; (): none
+  rope_scaling: tuple = ()
   norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Zhang & Sennrich 2019; Llama)
   norm_eps: float = 1e-6
   qk_norm: bool = False  # RMS-normalize queries and keys per head (Dehghani et al. 2023)
@@ -116,8 +121,9 @@ class Block(nnx.Module):
     self.norm1 = _norm(cfg, rngs=rngs)
     self.attn = MultiHeadAttention(
         cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, fused_qkv=True,
-        use_rope=cfg.position == "rope", rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm,
-        use_bias=cfg.use_bias,
+        use_rope=cfg.position == "rope", rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm,
+        use_bias=cfg.use_bias, qkv_bias=cfg.use_bias or cfg.qkv_bias,
         dropout=cfg.dropout, implementation=cfg.attention, dtype=cfg.dtype,
         kernel_init=_normal(0.02), out_init=_projection_init(cfg),
         rngs=rngs)

@@ -4,8 +4,8 @@ function that computes its softmax(QKᵀ)V core.
 `dot_product_attention` takes the masks the kernels can take — causal, and segment ids (a
 query attends only keys of its own segment: padding and packed sequences) — and runs them on
 the implementation asked for (`kernels.flash_attention.IMPLEMENTATIONS`: `xla`, `cudnn`,
-`pallas`, `auto`). A dense mask runs on XLA or cuDNN only; asking `pallas` for one is an error,
-never a silent switch.
+`pallas`, `mosaic`, `auto`). A dense mask runs on XLA or cuDNN only; asking a Pallas kernel for
+one is an error, never a silent switch.
 
 `MultiHeadAttention` is self- or cross-attention with fused or separate q/k/v projections,
 grouped-query attention (`num_kv_heads`), optional RoPE and QK-norm, and a KV cache. Steps of
@@ -79,9 +79,9 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   if mask_BxHxTxS is None:
     return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
                            segment_ids=segment_ids, implementation=implementation)
-  if implementation == "pallas":
-    raise ValueError("attention implementation 'pallas' takes causal and segment-id masks, "
-                     "not a dense mask; use xla or cudnn for this call")
+  if implementation in ("pallas", "mosaic"):
+    raise ValueError(f"attention implementation {implementation!r} takes causal and segment-id "
+                     "masks, not a dense mask; use xla or cudnn for this call")
   T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
   q_seg, kv_seg = reference.split_segment_ids(segment_ids, T, S)
   segments = reference.visible_mask(T, S, causal=False, q_seg_BxT=q_seg, kv_seg_BxS=kv_seg)
@@ -91,17 +91,33 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
       implementation="cudnn" if implementation == "cudnn" else "xla")
 
 
-def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array, theta: float = 10_000.0) -> jax.Array:
+def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array, theta: float = 10_000.0,
+         scaling: tuple = ()) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2): the "half-split"
   layout of Hugging Face's Llama (llama.cpp's GGUF files permute q and k for interleaved pairs
-  (2i, 2i + 1); `research.pretrained.gguf` undoes that). Frequencies theta^(-2i/D)."""
+  (2i, 2i + 1); `research.pretrained.gguf` undoes that). Frequencies theta^(-2i/D), or Llama
+  3.1's rescaled ones when `scaling` = (factor, low_freq_factor, high_freq_factor, original
+  context length)."""
   d = x_BxTxHxD.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if scaling:
+    inv_freq = llama3_frequencies(inv_freq, *scaling)
   angle_TxD2 = positions_T[:, None].astype(jnp.float32) * inv_freq[None, :]
   sin, cos = jnp.sin(angle_TxD2)[None, :, None, :], jnp.cos(angle_TxD2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxTxHxD.dtype)
+
+
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, context):
+  """Llama 3.1's RoPE scaling: wavelengths longer than context / low_freq_factor slow down by
+  `factor`, those shorter than context / high_freq_factor stay, and the ones between blend."""
+  wavelength = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelength > context / low_freq_factor, inv_freq / factor, inv_freq)
+  smooth = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelength >= context / high_freq_factor) & (wavelength <= context / low_freq_factor)
+  return jnp.where(medium, blended, scaled)
 
 
 class Weights(nnx.Intermediate):
@@ -118,8 +134,9 @@ class MultiHeadAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                fused_qkv: bool = False, use_rope: bool = False, rope_theta: float = 10_000.0,
-               qk_norm: bool = False, use_bias: bool = True, dropout: float = 0.0,
-               implementation: str = "xla",
+               rope_scaling: tuple = (),
+               qk_norm: bool = False, use_bias: bool = True, qkv_bias: bool | None = None,
+               dropout: float = 0.0, implementation: str = "xla",
                dtype="float32", kernel_init=None, out_init=None, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     if dim % num_heads or num_heads % num_kv_heads:
@@ -127,15 +144,18 @@ class MultiHeadAttention(nnx.Module):
                        f"{num_kv_heads} must divide num_heads")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
     self.use_rope, self.rope_theta, self.implementation = use_rope, rope_theta, implementation
+    self.rope_scaling = tuple(rope_scaling)  # see `rope`
     self.keep_weights = False  # set by research.interpret to record the attention weights
     init = {} if kernel_init is None else dict(kernel_init=kernel_init)
     linear = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
     kv_dim = 2 * num_kv_heads * self.head_dim
+    # q/k/v biases alone, without one on the out-projection (Qwen2); None: as use_bias.
+    qkv = dict(linear, use_bias=use_bias if qkv_bias is None else qkv_bias)
     if fused_qkv:
-      self.qkv = nnx.Linear(dim, dim + kv_dim, **init, **linear)
+      self.qkv = nnx.Linear(dim, dim + kv_dim, **init, **qkv)
     else:
-      self.query = nnx.Linear(dim, dim, **init, **linear)
-      self.key_value = nnx.Linear(dim, kv_dim, **init, **linear)
+      self.query = nnx.Linear(dim, dim, **init, **qkv)
+      self.key_value = nnx.Linear(dim, kv_dim, **init, **qkv)
     self.out = nnx.Linear(dim, dim, **({} if out_init is None else dict(kernel_init=out_init)),
                           **linear)
     norm = dict(dtype=dtype, rngs=rngs)
@@ -167,8 +187,8 @@ class MultiHeadAttention(nnx.Module):
       q_BxTxHxDh, k_BxSxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxSxKxDh)
     if self.use_rope:
       positions_T = pos + jnp.arange(T)
-      q_BxTxHxDh = rope(q_BxTxHxDh, positions_T, self.rope_theta)
-      k_BxSxKxDh = rope(k_BxSxKxDh, positions_T, self.rope_theta)
+      q_BxTxHxDh = rope(q_BxTxHxDh, positions_T, self.rope_theta, self.rope_scaling)
+      k_BxSxKxDh = rope(k_BxSxKxDh, positions_T, self.rope_theta, self.rope_scaling)
     implementation, mask_1x1xTxS = self.implementation, None
     if cache is not None:
       k_BxSxKxDh = jax.lax.dynamic_update_slice(cache["k"], k_BxSxKxDh.astype(cache["k"].dtype),

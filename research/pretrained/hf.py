@@ -17,6 +17,11 @@ value concatenated into `MultiHeadAttention.key_value`); every parameter must be
 its shape, and a tensor nothing reads is an error unless it belongs to a head this import
 drops (`cls.*` MLM/NSP heads, `classifier.*`), the `position_ids` buffer, or the pooler
 when the model has none. Every failure is a one-line `ConfigError`.
+
+Decoder-only folders (GPT-2, Llama, Qwen2) load into `research.models.gpt.GPT` through
+`research.pretrained.hf_gpt`, which reads them with this module's `resolve`, `read_config`,
+`read_tensors` and `load_tokenizer` (which also builds GPT-2's tokenizer from vocab.json +
+merges.txt).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
       from huggingface_hub import snapshot_download
 
       return Path(snapshot_download(name, allow_patterns=[
-          "*.json", "*.safetensors", "vocab.txt"]))
+          "*.json", "*.safetensors", "vocab.txt", "merges.txt"]))
     except Exception as e:
       raise ConfigError(f"checkpoint {name!r} is neither a local folder nor a known name "
                         f"({', '.join(KNOWN)}), and the Hub download failed: "
@@ -111,7 +116,9 @@ def bert_config(hf: dict, **overrides) -> BertConfig:
   model_type = hf.get("model_type")
   if model_type != "bert":
     raise ConfigError(f"config.json says model_type={model_type!r}: not a BERT checkpoint "
-                      f"(this import reads model_type 'bert')")
+                      f"(this import reads model_type 'bert')"
+                      + ("; decoder-only folders load with research.pretrained.hf_gpt"
+                         if model_type in ("gpt2", "llama", "qwen2") else ""))
   bad = [f"{k}={hf[k]!r} (supported: {', '.join(repr(v) for v in ok if v is not None)})"
          for k, ok in REQUIRED_VALUES.items() if k in hf and hf[k] not in ok]
   act = hf.get("hidden_act", "gelu")
@@ -299,15 +306,54 @@ def _tensor_names(folder: Path) -> list[str]:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-  """The checkpoint's tokenizer (`research.data.hf_tokenizer.HFTokenizer`)."""
-  from research.data.hf_tokenizer import HFTokenizer, TokenizerError
+  """The checkpoint's tokenizer (`research.data.hf_tokenizer.HFTokenizer`): its tokenizer.json,
+  or GPT-2's vocab.json + merges.txt."""
+  from research.data.hf_tokenizer import SIDE_FILES, HFTokenizer, TokenizerError
 
   folder = resolve(name_or_path)
-  pad = read_config(folder).get("pad_token_id") if (folder / "config.json").is_file() else None
+  config = read_config(folder) if (folder / "config.json").is_file() else {}
+  pad = config.get("pad_token_id")
+  if pad is None:  # decoder-only checkpoints rarely name one; their end of text pads
+    eos = config.get("eos_token_id")
+    pad = eos[0] if isinstance(eos, list) and eos else eos
+  if not (folder / "tokenizer.json").is_file() and (folder / "vocab.json").is_file():
+    side = {name: (folder / name).read_text(encoding="utf-8") for name in SIDE_FILES
+            if (folder / name).is_file()}
+    return HFTokenizer(gpt2_tokenizer_json(folder), pad_id=pad, side_files=side)
   try:
     return HFTokenizer.from_folder(folder, pad_id=pad)
   except TokenizerError as e:
     raise ConfigError(str(e)) from None
+
+
+def gpt2_tokenizer_json(folder: Path) -> str:
+  """A `tokenizers` file for GPT-2's slow-tokenizer files (vocab.json + merges.txt): the
+  byte-level BPE `research.pretrained.gguf.tokenizer_json` builds, with the tokens that
+  tokenizer_config.json marks special (else `<|endoftext|>`) kept whole."""
+  from research.pretrained import gguf
+
+  folder = Path(folder)
+  if not (folder / "merges.txt").is_file():
+    raise ConfigError(f"{folder} has vocab.json but no merges.txt (GPT-2's BPE needs both)")
+  try:
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    config = (json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+              if (folder / "tokenizer_config.json").is_file() else {})
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{folder}: vocab.json or tokenizer_config.json is not valid JSON ({e})") \
+        from None
+  added = {int(i): t for i, t in (config.get("added_tokens_decoder") or {}).items()}
+  special = {t["content"] for t in added.values() if t.get("special")} or {"<|endoftext|>"}
+  by_id = {i: t for t, i in vocab.items()} | {i: t["content"] for i, t in added.items()}
+  if sorted(by_id) != list(range(len(by_id))):
+    raise ConfigError(f"{folder}/vocab.json: token ids are not 0..{len(by_id) - 1}")
+  tokens = [by_id[i] for i in range(len(by_id))]
+  lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+  merges = [m for m in lines if m and not m.startswith("#version")]
+  return gguf.tokenizer_json({
+      "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+      "tokenizer.ggml.merges": merges,
+      "tokenizer.ggml.token_type": [gguf.CONTROL if t in special else 1 for t in tokens]})
 
 
 # --- export ---
@@ -357,5 +403,6 @@ def export(model, folder: str | Path, tokenizer=None) -> Path:
   return folder
 
 
-__all__ = ["KNOWN", "bert_config", "bert_params", "export", "from_pretrained", "hf_config",
-           "hf_tensors", "load_tokenizer", "load_weights", "read_config", "read_tensors", "resolve"]
+__all__ = ["KNOWN", "bert_config", "bert_params", "export", "from_pretrained",
+           "gpt2_tokenizer_json", "hf_config", "hf_tensors", "load_tokenizer", "load_weights",
+           "read_config", "read_tensors", "resolve"]

@@ -247,7 +247,8 @@ def setup(task: Task, config, *, experiment: str) -> Run:
   writer.truncate_after(start)
   train_step = make_train_step(graphdef, task.loss_fn, tx, mesh=mesh, state_sharding=shardings,
                                parallelism=config.parallelism, seed=config.seed,
-                               accum_steps=config.grad_accum_steps)
+                               accum_steps=config.grad_accum_steps,
+                               trainable=optim.trainable_mask(config, state.params))
   eval_fn = task.eval_fn or (lambda model, batch: task.loss_fn(model, batch, None)[1])
   eval_step = make_eval_step(graphdef, eval_fn, mesh=mesh, state_sharding=shardings)
   eval_params = jax.jit(optim.eval_params(config), out_shardings=shardings.params)
@@ -341,6 +342,8 @@ def train(task: Task, config, *, experiment: str) -> dict[str, dict]:
   if run.start >= config.steps:
     print(f"{run.workdir}: already trained to step {run.start}")
   try:
+    if run.start == 0 and config.get("eval_at_start", False):  # e.g. a pretrained model's zero-shot
+      last_eval = run.evaluate()
     with _StopSignals() as signals, tqdm(total=config.steps, initial=run.start, dynamic_ncols=True,
                                          disable=not (config.progress_bar and is_main)) as bar:
       for step in range(run.start + 1, config.steps + 1):

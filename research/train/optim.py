@@ -6,7 +6,9 @@ fields of its dataclass below, e.g. `--config.optimizer.name=lion
 `learning_rate`, `min_learning_rate`, `warmup_steps`, `decay_steps`, and for `wsd`
 `decay_fraction` and `decay_shape`) and `grad_clip` are top-level fields that every optimizer
 shares. AdamW with a cosine schedule is the default (the nanoGPT recipe). Weight decay applies
-to matrices and embeddings only, never to biases or norm scales.
+to matrices and embeddings only, never to biases or norm scales. `config.train.trainable` (a
+regex on parameter names, where an experiment has it) trains the matching parameters alone,
+through `optax.multi_transform`: e.g. `lora_` for low-rank adapters (`research.nn.lora`).
 
 Schedule-free AdamW trains one sequence of parameters and is evaluated at another (an average
 kept in its state): whoever evaluates or saves the model asks `eval_params(config)` for them.
@@ -174,11 +176,54 @@ def optimizer_fields(name: str) -> dict:
   return {"name": name, **dataclasses.asdict(OPTIMIZERS[name]())}
 
 
+def param_path(path) -> str:
+  """A parameter's name for `config.train.trainable`: its keys joined, "blocks/0/attn/qkv/kernel"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def trainable_pattern(config) -> str:
+  """`config.train.trainable`: a regex (`re.search`) on parameter names; "" (or no such field):
+  every parameter trains."""
+  return (config.get("train") or {}).get("trainable", "")
+
+
+def trainable_mask(config, params):
+  """A tree of bools like `params`: True where the parameter trains; None when all do.
+  ConfigError (one line) for a bad regex or one that matches no parameter."""
+  import re
+
+  from research.config import ConfigError
+
+  pattern = trainable_pattern(config)
+  if not pattern:
+    return None
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"config.train.trainable={pattern!r} is not a regex: {e}") from None
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.search(param_path(path))),
+                                          params)
+  if not any(jax.tree.leaves(mask)):
+    names = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    raise ConfigError(f"config.train.trainable={pattern!r} matches no parameter (they are "
+                      f"named like {', '.join(names[:4])})")
+  return mask
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
+  """`config.optimizer` with the schedule and clipping; with `config.train.trainable` set, it
+  updates the matching parameters only (the others get zero updates and no optimizer state)."""
   fields = dict(config.optimizer)
   tx = OPTIMIZERS[fields.pop("name")](**fields).make(learning_rate_schedule(config))
   if config.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  if trainable_pattern(config):
+    if evaluates_its_average(config):
+      from research.config import ConfigError
+      raise ConfigError("config.train.trainable does not combine with schedule_free_adamw")
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
+                                         trainable_mask(config, params))
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
 
 

@@ -90,8 +90,11 @@ def _update(state: TrainState, grads, metrics, rest, tx) -> tuple[TrainState, di
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh,
-                    state_sharding, parallelism: str, seed: int, accum_steps: int = 1):
-  """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled and sharded."""
+                    state_sharding, parallelism: str, seed: int, accum_steps: int = 1,
+                    trainable=None):
+  """Returns `train_step(state, batch) -> (state, metrics)`, jit-compiled and sharded.
+  `trainable` (bools like the params; `research.train.optim.trainable_mask`): gradients of the
+  others are zeros, so the compiler drops their computation (the optimizer freezes them)."""
 
   def train_step(state: TrainState, batch, axis: str | None):
     key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -102,6 +105,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
       key = jax.random.fold_in(key, jax.lax.axis_index(axis))
       params, rest = jax.lax.pcast((params, rest), axis, to="varying")
     grads, metrics, rest = _grads(graphdef, loss_fn, params, rest, batch, key, accum_steps)
+    if trainable is not None:
+      grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
     if axis is not None:
       grads, metrics, rest = jax.lax.pmean((grads, metrics, rest), axis)
     return _update(state, grads, metrics, rest, tx)
