@@ -5,14 +5,14 @@
 # and each stage ends with a line {"stage", "status": ok|failed|timeout|skipped, "rc",
 # "seconds"}; its stdout and stderr are in $OUT/<stage>.log.
 #   1 env       nvidia-smi, jax and jaxlib versions, devices
-#   2 smoke     every Pallas kernel (pallas = Triton; mosaic if api has it), forward and
+#   2 smoke     every Pallas kernel (pallas = Triton, mosaic = Hopper), forward and
 #               gradients vs the reference at one small bf16 shape (causal, GQA, segment ids);
 #               full error text kept
 #   3 headline  bf16, head_dim 128, batch 2 x 8k, 16 heads, causal and not, forward and
 #               forward+backward of every implementation: TFLOP/s, ratio to cuDNN, error vs the
 #               reference; writes $OUT/measured.json (copy it to kernels/flash_attention/ to
 #               let implementation="auto" use it)
-#   4 tiles     a few tile sizes of the mosaic kernel (skipped when api has no "mosaic")
+#   4 tiles     a few tile sizes of the mosaic kernel
 #   5 check     the full `bench --check` of every Pallas kernel
 #   6 mfu       MFU of the GPT-2-small-sized step with the fastest attention of stage 3
 #   7 trace     one short jax.profiler trace of that attention, forward+backward
@@ -63,11 +63,7 @@ stage() {
 }
 
 BENCH=("$PY" -m kernels.flash_attention.bench --jsonl "$RESULTS")
-# Implementations this checkout has, as api lists them ("mosaic" may be absent).
-IMPLS=$("$PY" -c "from kernels.flash_attention import api; print(' '.join(api.IMPLEMENTATIONS))" 2>/dev/null || echo "xla cudnn pallas auto")
-has_mosaic() { [[ " $IMPLS " == *" mosaic "* ]]; }
-PALLAS_IMPLS="pallas"
-has_mosaic && PALLAS_IMPLS="pallas mosaic"
+PALLAS_IMPLS=(pallas mosaic)  # this package's kernels (Triton, Hopper Mosaic GPU)
 
 stage env 30 "$PY" -c '
 import json, subprocess, sys
@@ -84,8 +80,7 @@ print(json.dumps(row))
 open(sys.argv[1], "a").write(json.dumps(row) + "\n")
 ' "$RESULTS"
 
-# shellcheck disable=SC2086
-stage smoke 100 "${BENCH[@]}" --stage smoke --check --smoke --impls $PALLAS_IMPLS
+stage smoke 100 "${BENCH[@]}" --stage smoke --check --smoke --impls "${PALLAS_IMPLS[@]}"
 
 HEADLINE=(--dtype bfloat16 --head-dims 128 --seqs 8192 --tokens 16384 --dim 2048
           --causal false true --warmup 2 --repeats 10)
@@ -94,25 +89,20 @@ RECORD=(--record --table "$OUT/measured.json")
 stage headline 200 "${BENCH[@]}" --stage headline "${HEADLINE[@]}" --error "${RECORD[@]}" \
     --out "$OUT/headline"
 
-if has_mosaic; then
-  TILES="128x128 128x256 256x128" TILE_DIM=128
-  (( DRY )) && TILES="128x128" TILE_DIM=64  # the GPU interpreter is slow: the smallest it takes
-  # A configuration the kernel rejects (shared memory) is a row saying so, not a stage failure;
-  # in the dry run every row must be timed.
-  stage tiles 70 bash -c '
-    rc=0
-    for tile in '"$TILES"'; do
-      "$@" --stage tiles --impls mosaic --block-q "${tile%x*}" --block-k "${tile#*x}" \
-          --dtype bfloat16 --head-dims '"$TILE_DIM"' --seqs 8192 --tokens 16384 --dim 2048 \
-          --causal false true --warmup 2 --repeats 5 --out "'"$OUT"'/tiles/$tile" || rc=1
-    done
-    (( '"$DRY"' )) && exit $rc || exit 0' tiles "${BENCH[@]}"
-else
-  echo '{"stage": "tiles", "status": "skipped", "reason": "api has no mosaic implementation"}' >> "$RESULTS"
-fi
+TILES="128x128 128x256 256x128" TILE_DIM=128
+(( DRY )) && TILES="128x128" TILE_DIM=64  # the GPU interpreter is slow: the smallest it takes
+# A configuration the kernel rejects (shared memory) is a row saying so, not a stage failure;
+# in the dry run every row must be timed.
+stage tiles 70 bash -c '
+  rc=0
+  for tile in '"$TILES"'; do
+    "$@" --stage tiles --impls mosaic --block-q "${tile%x*}" --block-k "${tile#*x}" \
+        --dtype bfloat16 --head-dims '"$TILE_DIM"' --seqs 8192 --tokens 16384 --dim 2048 \
+        --causal false true --warmup 2 --repeats 5 --out "'"$OUT"'/tiles/$tile" || rc=1
+  done
+  (( '"$DRY"' )) && exit $rc || exit 0' tiles "${BENCH[@]}"
 
-# shellcheck disable=SC2086
-stage check 70 "${BENCH[@]}" --stage check --check --impls $PALLAS_IMPLS
+stage check 70 "${BENCH[@]}" --stage check --check --impls "${PALLAS_IMPLS[@]}"
 
 # The fastest causal forward+backward of stage 3 (GPT is causal); XLA if none was timed.
 BEST=$("$PY" -c '

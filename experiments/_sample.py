@@ -44,54 +44,39 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(init_from: str, prompt: str, chat: bool, max_new_tokens: int):
   """(model, tokenizer, prompt ids, end-of-sequence id or None, the prompt as encoded)."""
-  run = Path(init_from).expanduser()
   from research.load import MODEL_FILE
+  from research.pretrained import gguf
 
-  if run.is_dir() and not (run / MODEL_FILE).is_file() and (run / "config.json").is_file():
-    from research.pretrained import hf
-
-    if "model_type" in hf.read_config(run):  # a Hugging Face folder, not a run's config
-      return _load_hf(run, prompt, chat, max_new_tokens)
-  if run.is_dir():
+  run = Path(init_from).expanduser()
+  if run.is_dir() and (run / MODEL_FILE).is_file():
     from research.load import load_model
 
-    if not (run / MODEL_FILE).is_file():
-      raise ConfigError(f"{run} is not a run folder (no {MODEL_FILE})")
     if chat:
       raise ConfigError("--chat needs a checkpoint with a chat template; a run folder has none")
     model, tokenizer, _ = load_model(run)
     if tokenizer is None or not hasattr(model, "decode"):
       raise ConfigError(f"{run} is not a language-model run with a tokenizer")
     return model, tokenizer, [int(i) for i in tokenizer.encode(prompt)], None, prompt
-  from research.pretrained import gguf
+  if run.is_dir():
+    from research.pretrained import hf, hf_gpt
 
-  tokenizer = gguf.load_tokenizer(init_from)
+    config = hf.read_config(run) if (run / "config.json").is_file() else {}
+    if "model_type" not in config:  # a Hugging Face folder's config.json names it
+      raise ConfigError(f"{run} is not a run folder (no {MODEL_FILE})")
+    hf_gpt.gpt_config(config)  # a wrong family is an error before the tokenizer is read
+    tokenizer, eos = hf.load_tokenizer(run), hf.eos_token_id(config)
+    load = lambda n: hf_gpt.from_pretrained(run, max_context=n)  # noqa: E731
+  else:
+    tokenizer = gguf.load_tokenizer(init_from)
+    config = json.loads(tokenizer.side_files.get("tokenizer_config.json", "{}"))
+    eos = tokenizer.token_to_id(config["eos_token"]) if config.get("eos_token") else None
+    load = lambda n: gguf.from_gguf(init_from, max_context=n)  # noqa: E731
   text = gguf.chat_prompt(tokenizer, prompt) if chat else prompt
   ids = [int(i) for i in tokenizer.encode(text)]
   if not ids:
     raise ConfigError("the prompt encodes to no tokens")
-  config = json.loads(tokenizer.side_files.get("tokenizer_config.json", "{}"))
-  eos = tokenizer.token_to_id(config["eos_token"]) if config.get("eos_token") else None
   # The KV cache holds just what this prompt and its answer need.
-  model = gguf.from_gguf(init_from, max_context=len(ids) + max_new_tokens)
-  return model, tokenizer, ids, eos, text
-
-
-def _load_hf(folder: Path, prompt: str, chat: bool, max_new_tokens: int):
-  """`_load` for a Hugging Face GPT-2 / Llama / Qwen2 folder (`research.pretrained.hf_gpt`)."""
-  from research.pretrained import gguf, hf, hf_gpt
-
-  config = hf.read_config(folder)
-  hf_gpt.gpt_config(config)  # a wrong family is an error before the tokenizer is read
-  tokenizer = hf.load_tokenizer(folder)
-  text = gguf.chat_prompt(tokenizer, prompt) if chat else prompt
-  ids = [int(i) for i in tokenizer.encode(text)]
-  if not ids:
-    raise ConfigError("the prompt encodes to no tokens")
-  eos = config.get("eos_token_id")
-  eos = eos[0] if isinstance(eos, list) and eos else eos
-  return (hf_gpt.from_pretrained(folder, max_context=len(ids) + max_new_tokens), tokenizer,
-          ids, eos if isinstance(eos, int) else None, text)
+  return load(len(ids) + max_new_tokens), tokenizer, ids, eos, text
 
 
 def main(argv: list[str]) -> int:

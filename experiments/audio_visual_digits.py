@@ -4,7 +4,8 @@ Command:  make experiment NAME=audio_visual_digits          (variant `attention`
           make experiment NAME=audio_visual_digits:late     (or :early, :audio, :image; :tiny for tests)
           ... ARGS=--config.seed=1                          (another model seed; same data)
           python -m experiments audio_visual_digits summarize RUN [RUN ...]
-                                              (mean and spread per model over seeds, fusion gain)
+                                              (mean and spread per model over seeds, fusion gain;
+                                              runs of one setting, as long as each other)
 Expected: test accuracy over model seeds 0-2 (mean ± std; 500 steps; the data fixed): `audio`
           52.6% ± 6.0, `image` 69.6% ± 1.6, `late` 73.6% ± 1.9, `early` 71.3% ± 3.0,
           `attention` 54.4% ± 3.2: late fusion beats the best single modality (the image) by
@@ -174,17 +175,35 @@ def summarize(argv: list[str]) -> int:
   parser.add_argument("runs", nargs="+", help="run folders of this experiment")
   parser.add_argument("--json", default="", help="also write the table to this file")
   args = parser.parse_args(argv)
+  from research.train.loop import RESUMABLE_CHANGES
+
+  # Config fields that may differ between the runs averaged: the seed, the variant's name, and
+  # what a run may change on resuming except its length.
+  free = {"seed", "experiment"} | (RESUMABLE_CHANGES - {"steps", "decay_steps"})
   per_kind: dict[str, list[dict]] = {}
+  first: dict[str, tuple[str, dict]] = {}  # "all" and each kind: its first run and setting
   for run in args.runs:
     config_path = Path(run) / "config.json"
     if not config_path.exists():
       raise ConfigError(f"{run} is not a run folder (no config.json)")
     config = json.loads(config_path.read_text())
+    kind = config["model"]["kind"]
+    # Averaged together: runs of one kind alike but for the seed (and how they were logged);
+    # compared: runs as long as each other, on the same data.
+    setting = {k: v for k, v in config.items() if k not in free
+               and not (kind not in FUSIONS and k in ("aux_weight", "modality_dropout"))}
+    for group, keys in (("all", ("steps", "batch_size", "data", "features")), (kind, ())):
+      other, theirs = first.setdefault(group, (run, setting))
+      differ = [k for k in keys or sorted(set(setting) | set(theirs))
+                if setting.get(k) != theirs.get(k)]
+      if differ:
+        raise ConfigError(f"{run} and {other} differ in {', '.join(differ)}: summarize runs "
+                          f"of one setting together")
     rows = [r for r in read_metrics(Path(run) / "metrics.jsonl") if r["step"] == config["steps"]]
     final = {r["split"]: r["accuracy"] for r in rows if r["split"] in MISSING}
     if set(final) != set(MISSING):
       raise ConfigError(f"{run} has not been evaluated at its last step ({config['steps']})")
-    per_kind.setdefault(config["model"]["kind"], []).append({"seed": config["seed"], **final})
+    per_kind.setdefault(kind, []).append({"seed": config["seed"], **final})
   table = {}
   for kind in KINDS:
     if kind not in per_kind:

@@ -2,7 +2,7 @@
 
 Command:  make experiment NAME=smollm_shakespeare                 (`lora`, the default)
           make experiment NAME=smollm_shakespeare:full            (every weight; for a GPU)
-          make experiment NAME=smollm_shakespeare:tiny            (seconds; for tests)
+          make experiment NAME=smollm_shakespeare:tiny            (6 steps of context 32; tests)
           make experiment NAME=smollm_shakespeare ARGS="--config.init_from=FILE.gguf"
           python -m experiments sample --init_from=RUN --prompt="ROMEO:" --temperature=0.8
           python -m experiments smollm_shakespeare merge RUN OUT  (LoRA folded in: a plain GPT run)

@@ -220,6 +220,15 @@ def test_tiny_run_resumes_exactly_and_is_summarized(tmp_path, capsys):
   final = {r["split"]: r["accuracy"] for r in rows if r["step"] == 8}
   assert summary["attention"]["test"]["mean"] == pytest.approx(final["test"])
   assert summary["attention"]["test_no_image"]["std"] == pytest.approx(0.0)
+  # A run of another length (evaluated at its own last step) is not averaged in.
+  shorter = tmp_path / "shorter"
+  shorter.mkdir()
+  (shorter / "metrics.jsonl").write_text((whole / "metrics.jsonl").read_text())
+  config = json.loads((whole / "config.json").read_text())
+  (shorter / "config.json").write_text(json.dumps({**config, "steps": 4}))
+  capsys.readouterr()
+  assert main(["audio_visual_digits", "summarize", str(whole), str(shorter)]) == 2
+  assert "differ in steps" in capsys.readouterr().err
 
 
 def test_bad_configs_are_one_line_errors(tmp_path, capsys):

@@ -55,10 +55,7 @@ SPECS = {
 # Runs of a model class and tokenizer kind already covered (GPT: gpt_shakespeare; encoder
 # classifier with SentencePiece: sst2_sentiment), left out to keep this file near 2 minutes
 # on 2 cores; RESEARCH_TEST_ALL_LOADS=1 runs them too.
-# smollm_shakespeare:tiny: its run folders load in tests/test_lm_finetune.py (sample, merge);
-# here its eager reference eval mixes an 8-device batch with single-device LoRA factors.
-COVERED_ELSEWHERE = {"grokking:tiny", "induction_heads:tiny", "clinc_intent:tiny",
-                     "smollm_shakespeare:tiny"}
+COVERED_ELSEWHERE = {"grokking:tiny", "induction_heads:tiny", "clinc_intent:tiny"}
 TESTED = [s for s in SPECS
           if os.environ.get("RESEARCH_TEST_ALL_LOADS") or s not in COVERED_ELSEWHERE]
 DATA_LOADERS = [sources.manual_dir, sources.tfds_source, text.load_text_splits, multi30k.load,

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from experiments import __main__ as cli  # noqa: E402
-from research.config import ConfigError  # noqa: E402
+from pretrained_helpers import copy_folder, edit_tensors, one_line_error  # noqa: E402
 from research.data import sources  # noqa: E402
 from research.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from research.data.text_classification import load_sst2  # noqa: E402
@@ -218,65 +218,41 @@ def test_export_loads_in_transformers_with_the_same_outputs(tiny, tmp_path):
 
 # --- bad checkpoints: one-line ConfigErrors ---
 
-def _one_line_error(match, fn, *args, **kwargs):
-  with pytest.raises(ConfigError, match=match) as info:
-    fn(*args, **kwargs)
-  assert "\n" not in str(info.value), str(info.value)
-
-
-def _copy(tiny, tmp_path, name):
-  return Path(shutil.copytree(tiny, tmp_path / name))
-
-
-def _edit_config(folder, **changes):
-  config = json.loads((folder / "config.json").read_text())
-  config.update(changes)
-  (folder / "config.json").write_text(json.dumps(config))
-
-
 def test_bad_checkpoints_are_one_line_errors(tiny, tmp_path):
-  from safetensors.numpy import load_file, save_file
+  def copy(name, **config_changes):
+    return copy_folder(tiny, tmp_path / name, **config_changes)
 
-  _one_line_error("neither a folder nor a known name", hf.from_pretrained, str(tmp_path / "nowhere"))
-  no_config = _copy(tiny, tmp_path, "no_config")
+  one_line_error("neither a folder nor a known name", hf.from_pretrained, str(tmp_path / "nowhere"))
+  no_config = copy("no_config")
   (no_config / "config.json").unlink()
-  _one_line_error("has no config.json", hf.from_pretrained, no_config)
-  no_weights = _copy(tiny, tmp_path, "no_weights")
+  one_line_error("has no config.json", hf.from_pretrained, no_config)
+  no_weights = copy("no_weights")
   (no_weights / "model.safetensors").unlink()
-  _one_line_error("has no model.safetensors", hf.from_pretrained, no_weights)
-  no_tokenizer = _copy(tiny, tmp_path, "no_tokenizer")
+  one_line_error("has no model.safetensors", hf.from_pretrained, no_weights)
+  no_tokenizer = copy("no_tokenizer")
   (no_tokenizer / "tokenizer.json").unlink()
-  _one_line_error("has no tokenizer.json", hf.load_tokenizer, no_tokenizer)
-  wrong_shape = _copy(tiny, tmp_path, "wrong_shape")
-  _edit_config(wrong_shape, intermediate_size=40)
-  _one_line_error(r"intermediate.dense.weight \[37, 32\] does not fit blocks/0/mlp/up/kernel \[32, 40\]",
-                  hf.from_pretrained, wrong_shape)
-  relative = _copy(tiny, tmp_path, "relative")
-  _edit_config(relative, position_embedding_type="relative_key", is_decoder=True)
-  _one_line_error("cannot represent: position_embedding_type='relative_key'.*is_decoder=True",
-                  hf.from_pretrained, relative)
-  activation = _copy(tiny, tmp_path, "activation")
-  _edit_config(activation, hidden_act="gelu_fast")
-  _one_line_error("hidden_act='gelu_fast'", hf.from_pretrained, activation)
-  family = _copy(tiny, tmp_path, "family")
-  _edit_config(family, model_type="gpt2")
-  _one_line_error("model_type='gpt2': not a BERT checkpoint", hf.from_pretrained, family)
-  tensors = load_file(tiny / "model.safetensors")
-  missing = _copy(tiny, tmp_path, "missing")
-  save_file({k: v for k, v in tensors.items() if "layer.1.output.dense.bias" not in k},
-            str(missing / "model.safetensors"))
-  _one_line_error("lacks the tensor encoder.layer.1.output.dense.bias", hf.from_pretrained, missing)
-  extra = _copy(tiny, tmp_path, "extra")
-  save_file({**tensors, "encoder.layer.0.attention.self.distance_embedding.weight":
-             np.zeros((79, 8), np.float32)}, str(extra / "model.safetensors"))
-  _one_line_error("does not read: encoder.layer.0.attention.self.distance_embedding.weight",
-                  hf.from_pretrained, extra)
-  corrupt = _copy(tiny, tmp_path, "corrupt")
+  one_line_error("has no tokenizer.json", hf.load_tokenizer, no_tokenizer)
+  one_line_error(r"intermediate.dense.weight \[37, 32\] does not fit blocks/0/mlp/up/kernel \[32, 40\]",
+                 hf.from_pretrained, copy("wrong_shape", intermediate_size=40))
+  one_line_error("cannot represent: position_embedding_type='relative_key'.*is_decoder=True",
+                 hf.from_pretrained,
+                 copy("relative", position_embedding_type="relative_key", is_decoder=True))
+  one_line_error("hidden_act='gelu_fast'", hf.from_pretrained,
+                 copy("activation", hidden_act="gelu_fast"))
+  one_line_error("model_type='gpt2': not a BERT checkpoint", hf.from_pretrained,
+                 copy("family", model_type="gpt2"))
+  missing = edit_tensors(copy("missing"), drop=["encoder.layer.1.output.dense.bias"])
+  one_line_error("lacks the tensor encoder.layer.1.output.dense.bias", hf.from_pretrained, missing)
+  extra = edit_tensors(copy("extra"), add={
+      "encoder.layer.0.attention.self.distance_embedding.weight": np.zeros((79, 8), np.float32)})
+  one_line_error("does not read: encoder.layer.0.attention.self.distance_embedding.weight",
+                 hf.from_pretrained, extra)
+  corrupt = copy("corrupt")
   (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-  _one_line_error("cannot be read as safetensors", hf.from_pretrained, corrupt)
-  torch_only = _copy(tiny, tmp_path, "torch_only")
+  one_line_error("cannot be read as safetensors", hf.from_pretrained, corrupt)
+  torch_only = copy("torch_only")
   (torch_only / "model.safetensors").rename(torch_only / "pytorch_model.bin")
-  _one_line_error("only pytorch_model.bin", hf.from_pretrained, torch_only)
+  one_line_error("only pytorch_model.bin", hf.from_pretrained, torch_only)
 
 
 # --- fine-tuning through the command line ---
@@ -323,8 +299,8 @@ def test_fine_tuning_from_a_pretrained_folder_runs_resumes_and_loads(tiny, tmp_p
 def test_a_checkpoint_too_large_for_memory_fails_before_loading(tiny, monkeypatch):
   monkeypatch.setattr(tensors_lib, "available_memory", lambda: 1000)
   monkeypatch.setattr("safetensors.numpy.load_file", lambda *a: pytest.fail("tensors were read"))
-  _one_line_error(r"needs about 0\.0 GiB to load as float32 .* and 0\.0 GiB are free",
-                  hf.from_pretrained, tiny)
+  one_line_error(r"needs about 0\.0 GiB to load as float32 .* and 0\.0 GiB are free",
+                 hf.from_pretrained, tiny)
 
 
 @pytest.mark.skipif(sources.manual_dir("clinc_oos") is None, reason="no local CLINC150 files")
@@ -334,5 +310,5 @@ def test_kind_bert_needs_a_checkpoint(tmp_path):
 
   config = config_lib.apply_overrides(experiments.get_config("clinc_intent:tiny"), [
       f"--config.workdir={tmp_path}", "--config.model.kind=bert"])
-  _one_line_error("kind=bert fine-tunes a pretrained checkpoint: set config.init_from",
-                  experiments.load("clinc_intent").build, config)
+  one_line_error("kind=bert fine-tunes a pretrained checkpoint: set config.init_from",
+                 experiments.load("clinc_intent").build, config)

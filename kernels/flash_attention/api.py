@@ -16,9 +16,6 @@ _COMPILED_DTYPES = {  # what the compiled kernels accept, per back-end
     "gpu": (jnp.float32, jnp.bfloat16, jnp.float16),
     "tpu": (jnp.float32, jnp.bfloat16),
 }
-# The forward kernel's (block_q, block_k) when not given, for the support check; each kernel's
-# own default tiles are `pallas.default_tiles`.
-_DEFAULT_BLOCKS = {"gpu": (128, 128), "tpu": (128, 128), "cpu": (128, 128)}
 # TPU keeps the whole k and v of one head in VMEM (twice, for double buffering).
 _TPU_KV_VMEM_BYTES = 8 * 2**20
 
@@ -54,23 +51,22 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     at all get 0 from Pallas; XLA and cuDNN return the mean of v there instead.
   """
   backend = jax.default_backend()
-  default_q, default_k = _DEFAULT_BLOCKS.get(backend, _DEFAULT_BLOCKS["cpu"])
-  given_blocks = dict(block_q=block_q, block_k=block_k)  # None: each kernel's default
-  block_q, block_k = block_q or default_q, block_k or default_k
   q_seg, kv_seg = _validate(q, k, v, segment_ids, block_q, block_k, implementation)
   interpret = backend == "cpu" if interpret is None else interpret
-  unsupported = _pallas_unsupported(backend, interpret, q, k, block_q, block_k)
+  # Why each of this package's kernels cannot run this call here (None: it can).
+  unsupported = {
+      "pallas": _pallas_unsupported(backend, interpret, q, k, block_q, block_k),
+      "mosaic": _mosaic_unsupported(backend, interpret, q, q_seg, causal, block_q, block_k)}
   if implementation == "auto":
     device = jax.devices()[0]
     implementation = dispatch.choose(
         backend, device_kind=device.device_kind,
         compute_capability=getattr(device, "compute_capability", None), dtype=q.dtype.name,
         head_dim=q.shape[-1], causal=causal, masked=q_seg is not None, interpret=interpret,
-        pallas_unsupported={"pallas": unsupported,
-                            "mosaic": _why_not(_check_mosaic, backend, interpret, q, q_seg,
-                                               causal, given_blocks)})
-  if implementation == "pallas" and unsupported:
-    raise ValueError(f"implementation='pallas' is unsupported here: {unsupported}")
+        pallas_unsupported=unsupported)
+  if unsupported.get(implementation):
+    raise ValueError(f"implementation={implementation!r} is unsupported here: "
+                     f"{unsupported[implementation]}")
   if implementation == "cudnn" and backend != "gpu":
     raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the backend is {backend!r}")
   if implementation in ("xla", "cudnn"):
@@ -79,35 +75,23 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, is_causal=causal,
                                         implementation=implementation)
   if implementation == "mosaic":
-    _check_mosaic(backend, interpret, q, q_seg, causal, given_blocks)
-    return _pallas_attention(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-                             **given_blocks, target="mosaic-interpret" if interpret else "mosaic")
+    target = "mosaic-interpret" if interpret else "mosaic"
+  else:
+    target = "interpret" if interpret else backend
   return _pallas_attention(q, k, v, q_seg, kv_seg, causal=causal, sm_scale=sm_scale,
-                           **given_blocks, target="interpret" if interpret else backend)
+                           block_q=block_q, block_k=block_k, target=target)
 
 
-def _why_not(check, *args) -> str | None:
-  """A check that raises ValueError, as the reason it gives (None: it passes)."""
-  try:
-    check(*args)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
-def _check_mosaic(backend, interpret, q, q_seg, causal, given_blocks):
-  """implementation='mosaic': a Hopper GPU, or jax's GPU interpreter; shapes it can take."""
+def _mosaic_unsupported(backend, interpret, q, q_seg, causal, block_q, block_k) -> str | None:
+  """Why the Hopper kernels cannot run this call here (no Hopper GPU and not interpreted, or
+  shapes they do not take), or None if they can."""
   if not interpret:
     capability = getattr(jax.devices()[0], "compute_capability", None)
     if backend != "gpu" or capability not in (None, "9.0"):
-      raise ValueError("implementation='mosaic' needs an NVIDIA Hopper GPU (sm_90), or "
-                       f"interpret=True; the backend is {backend!r}"
-                       + (f" (compute capability {capability})" if capability else ""))
-  reason = mosaic.unsupported(_mosaic_config(q.shape[-1], causal, None, q.shape[1], interpret,
-                                             **given_blocks), q.shape[-1], q.dtype,
-                              q_seg is not None)
-  if reason:
-    raise ValueError(f"implementation='mosaic' is unsupported here: {reason}")
+      return ("it needs an NVIDIA Hopper GPU (sm_90), or interpret=True; the backend is "
+              f"{backend!r}" + (f" (compute capability {capability})" if capability else ""))
+  cfg = _mosaic_config(q.shape[-1], causal, None, q.shape[1], interpret, block_q, block_k)
+  return mosaic.unsupported(cfg, q.shape[-1], q.dtype, q_seg is not None)
 
 
 def _mosaic_config(head_dim, causal, sm_scale, seq_k, interpret, block_q, block_k):
@@ -131,7 +115,7 @@ def _validate(q, k, v, segment_ids, block_q, block_k, implementation):
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
   for name, block in (("block_q", block_q), ("block_k", block_k)):
-    if block < 8 or block & (block - 1):
+    if block is not None and (block < 8 or block & (block - 1)):
       raise ValueError(f"{name}={block} must be a power of two >= 8")
   (batch, seq_q), seq_k = q.shape[:2], k.shape[1]
   q_seg, kv_seg = reference.split_segment_ids(segment_ids, seq_q, seq_k)
@@ -142,7 +126,8 @@ def _validate(q, k, v, segment_ids, block_q, block_k, implementation):
 
 
 def _pallas_unsupported(backend, interpret, q, k, block_q, block_k) -> str | None:
-  """Why the Pallas kernels cannot run these shapes here, or None if they can."""
+  """Why the Pallas kernels cannot run these shapes here, or None if they can. A block size
+  given (not None) is every kernel's on that side; the others are `pallas.default_tiles`."""
   if interpret:
     return None
   if backend not in _COMPILED_DTYPES:
@@ -150,16 +135,20 @@ def _pallas_unsupported(backend, interpret, q, k, block_q, block_k) -> str | Non
   if q.dtype not in _COMPILED_DTYPES[backend]:
     return f"dtype {q.dtype} is not compiled on {backend}"
   head_dim = q.shape[-1]
+  tiles = pallas.default_tiles(backend, head_dim).values()
+  blocks_q = [block_q or t.block_q for t in tiles]
+  blocks_k = [block_k or t.block_k for t in tiles]
   if backend == "gpu":
     # Triton tiles must be powers of two, and its dot needs every side >= 16.
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
       return f"head_dim={head_dim} must be a power of two in [16, 256] on GPU"
-    if min(_block(block_q, q.shape[1]), _block(block_k, k.shape[1])) < 16:
+    # (`_block` clips a tile to the sequence but never below 16.)
+    if min(blocks_q + blocks_k) < 16:
       return "block sizes must be >= 16 on GPU"
   if backend == "tpu":
-    if min(block_q, block_k) < 128:
+    if min(blocks_q + blocks_k) < 128:
       return "block sizes must be multiples of 128 on TPU"
-    kv_bytes = 4 * _round_up(k.shape[1], block_k) * head_dim * k.dtype.itemsize
+    kv_bytes = 4 * _round_up(k.shape[1], max(blocks_k)) * head_dim * k.dtype.itemsize
     if kv_bytes > _TPU_KV_VMEM_BYTES:
       return f"seq_k={k.shape[1]} is too long: one head's k and v need {kv_bytes} bytes of VMEM"
   return None
@@ -180,13 +169,13 @@ def _pallas_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, q_seg_BxT, kv_seg_BxS, *,
                       sm_scale, block_q, block_k, target):
   T, D = q_BxTxHxD.shape[1], q_BxTxHxD.shape[3]
   S = k_BxSxKxD.shape[1]
-  # A block size given by the caller sets that side of every kernel's tile.
-  tiles = {name: dataclasses.replace(t, block_q=_block(block_q or t.block_q, T),
-                                     block_k=_block(block_k or t.block_k, S))
-           for name, t in pallas.default_tiles(target, D).items()}
   if target.startswith("mosaic"):
     cfg = _mosaic_config(D, causal, sm_scale, S, target == "mosaic-interpret", block_q, block_k)
   else:
+    # A block size given by the caller sets that side of every kernel's tile.
+    tiles = {name: dataclasses.replace(t, block_q=_block(block_q or t.block_q, T),
+                                       block_k=_block(block_k or t.block_k, S))
+             for name, t in pallas.default_tiles(target, D).items()}
     cfg = pallas.Config(sm_scale=D ** -0.5 if sm_scale is None else float(sm_scale),
                         causal=causal, seq_k=S, target=target, **tiles)
   # Kernels see head-major [B, H, T, D] with T and S padded to whole blocks; padded

@@ -56,11 +56,10 @@ def attention_flops(batch, heads, seq, head_dim, causal, mode):
 
 
 def available_implementations():
-  """Every implementation api lists that this backend runs (cuDNN first: the others' ratios
-  are to it); "mosaic" (Hopper) only on GPU, and only if this api has it."""
-  on_gpu = jax.default_backend() == "gpu"
-  impls = [impl for impl in ("cudnn", "mosaic", "pallas", "xla")
-           if impl in api.IMPLEMENTATIONS and (on_gpu or impl not in ("cudnn", "mosaic"))]
+  """Every implementation api has that this backend runs (cuDNN first: the others' ratios
+  are to it); cuDNN and "mosaic" (Hopper) only on GPU."""
+  impls = (["cudnn", "mosaic", "pallas", "xla"] if jax.default_backend() == "gpu"
+           else ["pallas", "xla"])
   try:
     import tokamax  # noqa: F401  (optional)
     impls.append("tokamax")
@@ -132,8 +131,7 @@ def run_case(impl, mode, seq, head_dim, causal, args, key, references=None):
   try:
     inputs = [jax.random.normal(k, shape, args.dtype) for k in jax.random.split(key, 4)]
     inputs = inputs[:3] if mode == "fwd" else inputs
-    fn = (attention_fn(impl, causal, blocks_for(args, impl)) if segment_ids is None
-          else attention_fn(impl, causal, blocks_for(args, impl), segment_ids))
+    fn = attention_fn(impl, causal, blocks_for(args, impl), segment_ids)
     compiled = step_fn(fn, mode).lower(*inputs).compile()
     seconds = median_seconds(compiled, inputs, args.warmup, args.repeats)
     memory = compiled.memory_analysis()

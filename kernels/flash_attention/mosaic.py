@@ -336,6 +336,28 @@ def _causal_end(cfg, hi, last_query, block):
   return jnp.minimum(hi, lax.div(last_query, jnp.int32(block)) + 1)
 
 
+def _key_streams(b, kv_h, lo, block, k, v, kv_seg):
+  """The copy warpgroup's streams in the query-block kernels (forward, dq): step j is key tile
+  lo + j (`block` wide) of k and v, and of the kv segment ids unless `kv_seg` is None. k, v and
+  kv_seg are (global ref, shared-memory slots, their "loaded" barriers)."""
+  keys = lambda j: pl.ds((lo + j) * block, block)
+  streams = [_Stream(smem, bar, lambda j, ref=ref: ref.at[b, kv_h, keys(j)])
+             for ref, smem, bar in (k, v)]
+  if kv_seg is not None:
+    ref, smem, bar = kv_seg
+    streams.append(_Stream(smem, bar, lambda j: ref.at[b, keys(j)]))
+  return streams
+
+
+def _own_steps(cfg, lo, hi, q_start, rows, block, segments):
+  """(n_mine, n_fast) of a compute warpgroup in the query-block kernels: of the CTA's key steps
+  [0, hi - lo), it computes [0, n_mine) for its `rows` queries from `q_start` (the rest it only
+  releases), the first n_fast of them unmasked. (Exact ranges keep n_mine >= 0; the clamp
+  guards the drain count if they ever were not.)"""
+  n_mine = jnp.maximum(_causal_end(cfg, hi, q_start + rows - 1, block) - lo, 0)
+  return n_mine, _fast_end(cfg, lo, lo + n_mine, q_start, block, segments) - lo
+
+
 def _softmax_step(cfg, s, m, l, acc, mask):
   """One online-softmax update in base 2. s is already scaled by sm_scale * log2(e)."""
   if mask is not None:
@@ -374,12 +396,9 @@ def forward(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg_BxTx1, kv_seg_Bx1xS, cfg: Con
     h, qi, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     lo, hi = lo_ref[b, qi], hi_ref[b, qi]
-    kv_h = lax.div(h, jnp.int32(group))
-    keys = lambda ref: lambda j: ref.at[b, kv_h, pl.ds((lo + j) * bk, bk)]
-    streams = [_Stream(k_smem, k_bar, keys(k_ref)), _Stream(v_smem, v_bar, keys(v_ref))]
-    if segments:
-      streams.append(_Stream(kvseg_smem, kvseg_bar,
-                             lambda j: kv_seg_ref.at[b, pl.ds((lo + j) * bk, bk)]))
+    streams = _key_streams(b, lax.div(h, jnp.int32(group)), lo, bk, (k_ref, k_smem, k_bar),
+                           (v_ref, v_smem, v_bar),
+                           (kv_seg_ref, kvseg_smem, kvseg_bar) if segments else None)
 
     def compute():
       q_start = qi * cfg.block_q + wg * rows
@@ -391,11 +410,7 @@ def forward(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg_BxTx1, kv_seg_Bx1xS, cfg: Con
         plgpu.barrier_wait(qseg_bar.at[wg])
         q_ids = _load(qseg_smem, wg, 1, cfg.interpret)
       plgpu.barrier_wait(q_bar.at[wg])
-      n = hi - lo
-      # Steps this warpgroup computes; the rest of the CTA's span it only releases. (Exact
-      # ranges keep this >= 0; the clamp guards the drain count if they ever were not.)
-      n_mine = jnp.maximum(_causal_end(cfg, hi, q_start + rows - 1, bk) - lo, 0)
-      n_fast = _fast_end(cfg, lo, lo + n_mine, q_start, bk, segments) - lo
+      n_mine, n_fast = _own_steps(cfg, lo, hi, q_start, rows, bk, segments)
 
       def step(i, carry, masked):
         acc, m, l = carry
@@ -422,7 +437,7 @@ def forward(q_BxHxTxD, k_BxKxSxD, v_BxKxSxD, q_seg_BxTx1, kv_seg_Bx1xS, cfg: Con
                _row_vector(0.0, rows, cfg.interpret))
       carry = lax.fori_loop(0, n_fast, functools.partial(step, masked=False), carry)
       acc, m, l = lax.fori_loop(n_fast, n_mine, functools.partial(step, masked=True), carry)
-      _drain(streams, consumed, n_mine, n)
+      _drain(streams, consumed, n_mine, hi - lo)
 
       # Rows that saw no key output 0, and lse = +inf zeroes every backward exp(s - lse).
       empty = l == 0.0
@@ -496,12 +511,9 @@ def _dq(q, k, v, do, lse2, delta, q_seg, kv_seg, cfg):
     h, qi, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
     wg = lax.axis_index("wg")
     lo, hi = lo_ref[b, qi], hi_ref[b, qi]
-    kv_h = lax.div(h, jnp.int32(group))
-    keys = lambda ref: lambda j: ref.at[b, kv_h, pl.ds((lo + j) * bk, bk)]
-    streams = [_Stream(k_smem, k_bar, keys(k_ref)), _Stream(v_smem, v_bar, keys(v_ref))]
-    if segments:
-      streams.append(_Stream(kvseg_smem, kvseg_bar,
-                             lambda j: kv_seg_ref.at[b, pl.ds((lo + j) * bk, bk)]))
+    streams = _key_streams(b, lax.div(h, jnp.int32(group)), lo, bk, (k_ref, k_smem, k_bar),
+                           (v_ref, v_smem, v_bar),
+                           (kv_seg_ref, kvseg_smem, kvseg_bar) if segments else None)
 
     def compute():
       q_start = qi * cfg.block_q + wg * rows
@@ -520,11 +532,7 @@ def _dq(q, k, v, do, lse2, delta, q_seg, kv_seg, cfg):
       lse = _load(lse_smem, wg, 1, cfg.interpret)
       dlt = _load(delta_smem, wg, 1, cfg.interpret)
       q_ids = _load(qseg_smem, wg, 1, cfg.interpret) if segments else None
-      n = hi - lo
-      # Steps this warpgroup computes; the rest of the CTA's span it only releases. (Exact
-      # ranges keep this >= 0; the clamp guards the drain count if they ever were not.)
-      n_mine = jnp.maximum(_causal_end(cfg, hi, q_start + rows - 1, bk) - lo, 0)
-      n_fast = _fast_end(cfg, lo, lo + n_mine, q_start, bk, segments) - lo
+      n_mine, n_fast = _own_steps(cfg, lo, hi, q_start, rows, bk, segments)
 
       def step(i, dq_acc, masked):
         slot = lax.rem(i, _SLOTS)
@@ -549,7 +557,7 @@ def _dq(q, k, v, do, lse2, delta, q_seg, kv_seg, cfg):
       dq_acc = lax.fori_loop(0, n_fast, functools.partial(step, masked=False),
                              _zeros((rows, D), cfg.interpret))
       dq_acc = lax.fori_loop(n_fast, n_mine, functools.partial(step, masked=True), dq_acc)
-      _drain(streams, consumed, n_mine, n)
+      _drain(streams, consumed, n_mine, hi - lo)
       my(q_smem)[...] = (dq_acc * cfg.sm_scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(my(q_smem), dq_ref.at[b, h, rows_of])

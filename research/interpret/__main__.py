@@ -47,9 +47,9 @@ def _encode(args, tokenizer, model) -> tuple[np.ndarray, list[str]]:
     if tokenizer is None:
       raise ConfigError("this run's model reads token ids, not text: use --tokens")
     try:
-      ids = np.asarray(tokenizer.encode(args.text), np.int32)
-      if args.init_from:  # a pretrained model's input as its tokenizer cuts it, one label each
-        ids = np.asarray(tokenizer.encode(args.text, special_tokens=False), np.int32)
+      # A pretrained model's input as its tokenizer cuts it (no special tokens), one label each.
+      ids = np.asarray(tokenizer.encode(args.text, special_tokens=False) if args.init_from
+                       else tokenizer.encode(args.text), np.int32)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     labels = [repr(tokenizer.decode([i]))[1:-1] for i in ids]

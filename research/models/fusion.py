@@ -33,6 +33,7 @@ from flax import nnx
 
 from research import audio
 from research.audio import AugmentConfig, LogMelConfig
+from research.models.audio import spectrogram_size
 from research.models.cnn import CNN, CNNConfig
 from research.models.mlp import MLP, MLPConfig
 from research.models.vit import patchify
@@ -84,12 +85,9 @@ def _cnn(cfg: CNNConfig, classes: int, dtype: str, rngs: nnx.Rngs) -> CNN:
   return CNN(dataclasses.replace(cfg, channels=1, num_classes=classes, dtype=dtype), rngs=rngs)
 
 
-def _padded_frames(frames: int, patch: int) -> int:
-  return -(-frames // patch) * patch
-
-
 class CrossTransformer(nnx.Module):
-  """Audio and image token streams, each attending to itself and, across, to the other."""
+  """Audio and image token streams, each attending to itself and, across, to the other; `head`
+  classifies the two `pooled` streams, concatenated (`FusionClassifier.outputs`)."""
 
   def __init__(self, cfg: CrossTransformerConfig, frontend: LogMelConfig, image_side: int,
                classes: int, *, dtype: str, rngs: nnx.Rngs):
@@ -98,7 +96,7 @@ class CrossTransformer(nnx.Module):
     if frontend.n_mels % pm or image_side % pi:
       raise ValueError(f"audio_patch {c.audio_patch} must divide the {frontend.n_mels} mel bands "
                        f"and image_patch {pi} the image side {image_side}")
-    self.frames = _padded_frames(frontend.num_frames, pt)
+    self.frames = spectrogram_size(frontend.num_frames, frontend.n_mels, c.audio_patch)[0]
     audio_tokens = (self.frames // pt) * (frontend.n_mels // pm)
     image_tokens = (image_side // pi) ** 2
     init = nnx.initializers.normal(0.02)
@@ -138,10 +136,6 @@ class CrossTransformer(nnx.Module):
     """The mean-pooled (audio [B, D], image [B, D]) streams."""
     a, i = self.tokens(spec_BxTxM, image_BxHxW, present_Bx2, rngs=rngs)
     return self.audio_norm(a).mean(1), self.image_norm(i).mean(1)
-
-  def __call__(self, spec_BxTxM, image_BxHxW, present_Bx2, *, rngs=None):
-    a_BxD, i_BxD = self.pooled(spec_BxTxM, image_BxHxW, present_Bx2, rngs=rngs)
-    return self.head(jnp.concatenate([a_BxD, i_BxD], -1)).astype(jnp.float32)
 
 
 class FusionClassifier(nnx.Module):

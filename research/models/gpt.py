@@ -123,7 +123,7 @@ class Block(nnx.Module):
         cfg.embed_dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, fused_qkv=True,
         use_rope=cfg.position == "rope", rope_theta=cfg.rope_theta,
         rope_scaling=cfg.rope_scaling, qk_norm=cfg.qk_norm,
-        use_bias=cfg.use_bias, qkv_bias=cfg.use_bias or cfg.qkv_bias,
+        use_bias=cfg.use_bias, qkv_bias=cfg.qkv_bias,
         dropout=cfg.dropout, implementation=cfg.attention, dtype=cfg.dtype,
         kernel_init=_normal(0.02), out_init=_projection_init(cfg),
         rngs=rngs)

@@ -40,8 +40,8 @@ class LoRAGPT(GPT):
 
 
 def with_lora(gpt: GPT, *, rank: int, alpha: float, targets: str, seed: int = 0) -> LoRAGPT:
-  """A `LoRAGPT` holding `gpt`'s weights (the same arrays) and fresh adapters. ValueError if
-  `targets` matches no linear layer."""
+  """A `LoRAGPT` holding `gpt`'s weights and fresh adapters. ValueError if `targets` matches no
+  linear layer."""
   cfg = LoRAGPTConfig(**dataclasses.asdict(base_config(gpt.cfg)), lora_rank=rank,
                       lora_alpha=alpha, lora_targets=targets)
   # Built abstractly (no random init of the base weights), then filled with gpt's weights and

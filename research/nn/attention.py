@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.flash_attention import IMPLEMENTATIONS, flash_attention, reference
+from kernels.flash_attention.dispatch import PALLAS_FAMILY
 
 __all__ = ["IMPLEMENTATIONS", "MultiHeadAttention", "check_supported", "dot_product_attention",
            "padding_segments", "rope"]
@@ -79,7 +80,7 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   if mask_BxHxTxS is None:
     return flash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, causal=causal,
                            segment_ids=segment_ids, implementation=implementation)
-  if implementation in ("pallas", "mosaic"):
+  if implementation in PALLAS_FAMILY:
     raise ValueError(f"attention implementation {implementation!r} takes causal and segment-id "
                      "masks, not a dense mask; use xla or cudnn for this call")
   T, S = q_BxTxHxD.shape[1], k_BxSxKxD.shape[1]
@@ -135,7 +136,7 @@ class MultiHeadAttention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                fused_qkv: bool = False, use_rope: bool = False, rope_theta: float = 10_000.0,
                rope_scaling: tuple = (),
-               qk_norm: bool = False, use_bias: bool = True, qkv_bias: bool | None = None,
+               qk_norm: bool = False, use_bias: bool = True, qkv_bias: bool = False,
                dropout: float = 0.0, implementation: str = "xla",
                dtype="float32", kernel_init=None, out_init=None, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
@@ -149,8 +150,8 @@ class MultiHeadAttention(nnx.Module):
     init = {} if kernel_init is None else dict(kernel_init=kernel_init)
     linear = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
     kv_dim = 2 * num_kv_heads * self.head_dim
-    # q/k/v biases alone, without one on the out-projection (Qwen2); None: as use_bias.
-    qkv = dict(linear, use_bias=use_bias if qkv_bias is None else qkv_bias)
+    # qkv_bias: q/k/v biases even without use_bias's on the out-projection (Qwen2).
+    qkv = dict(linear, use_bias=use_bias or qkv_bias)
     if fused_qkv:
       self.qkv = nnx.Linear(dim, dim + kv_dim, **init, **qkv)
     else:

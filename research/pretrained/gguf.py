@@ -29,7 +29,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from research.config import ConfigError
 from research.models.gpt import GPT, GPTConfig
@@ -219,7 +218,6 @@ def _name_map(cfg: GPTConfig) -> list[tuple[tuple[str, ...], tuple, str]]:
 
 def gpt_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = "checkpoint"):
   """The pure parameter dict of `GPT(cfg)` from GGUF-named tensors, every shape checked."""
-  want = nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
   num_kv = cfg.num_kv_heads or cfg.num_heads
 
   def convert(how, arrays):
@@ -232,7 +230,7 @@ def gpt_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = "che
     return arrays[0].T if how == "linear" else arrays[0]
 
   return tensors_lib.assemble(
-      tensors, _name_map(cfg), want, convert, where=where,
+      tensors, _name_map(cfg), tensors_lib.param_shapes(GPT, cfg), convert, where=where,
       needed_by=f"a Llama with {cfg.num_layers} layers", reader="GPT", source="the metadata",
       unread_hint="e.g. qkv biases or RoPE frequency factors are not supported")
 
@@ -247,11 +245,8 @@ def from_gguf(name_or_path: str | os.PathLike, *, max_context: int | None = None
   cfg = gpt_config(metadata(reader), [t.name for t in reader.tensors], **overrides)
   if max_context is not None and max_context < cfg.block_size:
     cfg = dataclasses.replace(cfg, block_size=max_context)
-  params = gpt_params(read_tensors(reader, str(path)), cfg, where=str(path))
-  # Built abstractly (no random init of 135M parameters), then filled with the weights.
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-  state.replace_by_pure_dict(params)
-  return nnx.merge(graphdef, state)
+  return tensors_lib.build(GPT, cfg, gpt_params(read_tensors(reader, str(path)), cfg,
+                                                where=str(path)))
 
 
 # --- tokenizer and chat template ---

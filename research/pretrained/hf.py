@@ -109,6 +109,20 @@ def read_config(folder: Path) -> dict:
     raise ConfigError(f"{path} is not valid JSON ({e})") from None
 
 
+def unsupported_values(config: dict, required: dict) -> list[str]:
+  """One "field=value (supported: ...)" for each field of `required` (field -> the values the
+  model can represent; None: absent) that `config` sets to another value."""
+  return [f"{k}={config[k]!r} (supported: {', '.join(repr(v) for v in ok if v is not None)})"
+          for k, ok in required.items() if k in config and config[k] not in ok]
+
+
+def eos_token_id(config: dict) -> int | None:
+  """config.json's end-of-sequence id (the first, when it lists several)."""
+  eos = config.get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) and eos else eos
+  return eos if isinstance(eos, int) else None
+
+
 def bert_config(hf: dict, **overrides) -> BertConfig:
   """The BertConfig of a config.json's content; what BertConfig cannot hold is a ConfigError
   naming the fields. `overrides` set the fields config.json does not describe (num_classes,
@@ -119,8 +133,7 @@ def bert_config(hf: dict, **overrides) -> BertConfig:
                       f"(this import reads model_type 'bert')"
                       + ("; decoder-only folders load with research.pretrained.hf_gpt"
                          if model_type in ("gpt2", "llama", "qwen2") else ""))
-  bad = [f"{k}={hf[k]!r} (supported: {', '.join(repr(v) for v in ok if v is not None)})"
-         for k, ok in REQUIRED_VALUES.items() if k in hf and hf[k] not in ok]
+  bad = unsupported_values(hf, REQUIRED_VALUES)
   act = hf.get("hidden_act", "gelu")
   if not isinstance(act, str) or act not in ACTIVATIONS:
     bad.append(f"hidden_act={act!r} (supported: {', '.join(ACTIVATIONS)})")
@@ -258,9 +271,9 @@ def _convert(how: str, arrays: list[np.ndarray]) -> np.ndarray:
 
 def bert_params(tensors: dict[str, np.ndarray], cfg: BertConfig, where: str = "checkpoint"):
   """The pure parameter dict of `Bert(cfg)` from BertModel-named tensors, every shape checked."""
-  want = nnx.state(nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
   return tensors_lib.assemble(
-      _normalize_names(tensors), _name_map(cfg), want, _convert, where=where,
+      _normalize_names(tensors), _name_map(cfg), tensors_lib.param_shapes(Bert, cfg), _convert,
+      where=where,
       needed_by=f"a BertModel with {cfg.num_layers} layers{' and a pooler' if cfg.pooler else ''}",
       reader="BERT", source="config.json", unread_hint="is it a BERT variant?",
       ignore=lambda k: (k.startswith(DROPPED_PREFIXES) or k in BUFFERS
@@ -314,8 +327,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
   config = read_config(folder) if (folder / "config.json").is_file() else {}
   pad = config.get("pad_token_id")
   if pad is None:  # decoder-only checkpoints rarely name one; their end of text pads
-    eos = config.get("eos_token_id")
-    pad = eos[0] if isinstance(eos, list) and eos else eos
+    pad = eos_token_id(config)
   if not (folder / "tokenizer.json").is_file() and (folder / "vocab.json").is_file():
     side = {name: (folder / name).read_text(encoding="utf-8") for name in SIDE_FILES
             if (folder / name).is_file()}
@@ -403,6 +415,6 @@ def export(model, folder: str | Path, tokenizer=None) -> Path:
   return folder
 
 
-__all__ = ["KNOWN", "bert_config", "bert_params", "export", "from_pretrained",
+__all__ = ["KNOWN", "bert_config", "bert_params", "eos_token_id", "export", "from_pretrained",
            "gpt2_tokenizer_json", "hf_config", "hf_tensors", "load_tokenizer", "load_weights",
-           "read_config", "read_tensors", "resolve"]
+           "read_config", "read_tensors", "resolve", "unsupported_values"]

@@ -50,11 +50,6 @@ BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 PREFIX = {"gpt2": "transformer.", "llama": "model.", "qwen2": "model."}
 
 
-def _bad_values(hf_cfg: dict, required: dict) -> list[str]:
-  return [f"{k}={hf_cfg[k]!r} (supported: {', '.join(repr(v) for v in ok)})"
-          for k, ok in required.items() if k in hf_cfg and hf_cfg[k] not in ok]
-
-
 def _rope(hf_cfg: dict, bad: list[str]) -> tuple[float, tuple]:
   """RoPE's theta and `GPTConfig.rope_scaling`: Llama 3.1's scaling, or none; other scaling
   types are refused."""
@@ -90,10 +85,10 @@ def gpt_config(hf_cfg: dict, **overrides) -> GPTConfig:
                          if family == "bert" else ""))
   bad = []
   if family == "gpt2":
-    bad += _bad_values(hf_cfg, {"activation_function": TANH_GELUS,
-                                "scale_attn_weights": (True,),
-                                "scale_attn_by_inverse_layer_idx": (False,),
-                                "add_cross_attention": (False,)})
+    bad += hf.unsupported_values(hf_cfg, {"activation_function": TANH_GELUS,
+                                          "scale_attn_weights": (True,),
+                                          "scale_attn_by_inverse_layer_idx": (False,),
+                                          "add_cross_attention": (False,)})
     get = hf_cfg.get
     values = dict(
         vocab_size=get("vocab_size"), block_size=get("n_positions"), num_layers=get("n_layer"),
@@ -104,8 +99,8 @@ def gpt_config(hf_cfg: dict, **overrides) -> GPTConfig:
         tie_embeddings=bool(get("tie_word_embeddings", True)))
   else:
     hidden, heads = hf_cfg.get("hidden_size"), hf_cfg.get("num_attention_heads")
-    bad += _bad_values(hf_cfg, {"hidden_act": ("silu",), "pretraining_tp": (1,),
-                                "use_sliding_window": (False,)})
+    bad += hf.unsupported_values(hf_cfg, {"hidden_act": ("silu",), "pretraining_tp": (1,),
+                                          "use_sliding_window": (False,)})
     if hf_cfg.get("head_dim") not in (None, (hidden or 0) // (heads or 1)):
       bad.append(f"head_dim={hf_cfg['head_dim']!r} (supported: hidden_size / "
                  f"num_attention_heads = {(hidden or 0) // (heads or 1)})")
@@ -195,8 +190,6 @@ def _strip_prefix(family: str, tensors: dict) -> dict:
 def gpt_params(tensors: dict[str, np.ndarray], family: str, cfg: GPTConfig,
                where: str = "checkpoint") -> dict:
   """The pure parameter dict of `GPT(cfg)` from a `family` folder's tensors, shapes checked."""
-  want = nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
-
   def convert(how, arrays):
     if how == "qkv":
       return np.concatenate([a.T for a in arrays], axis=1) if all(
@@ -208,7 +201,8 @@ def gpt_params(tensors: dict[str, np.ndarray], family: str, cfg: GPTConfig,
     return arrays[0].T if how == "linear" else arrays[0]
 
   return tensors_lib.assemble(
-      _strip_prefix(family, tensors), _name_map(family, cfg), want, convert, where=where,
+      _strip_prefix(family, tensors), _name_map(family, cfg), tensors_lib.param_shapes(GPT, cfg),
+      convert, where=where,
       needed_by=f"a {family} with {cfg.num_layers} layers", reader=f"{family} import",
       source="config.json", unread_hint=f"is it a {family} variant?",
       ignore=lambda k: k.endswith(BUFFER_SUFFIXES) or (k == "lm_head.weight"
@@ -225,11 +219,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, max_context: int | None 
   cfg = gpt_config(hf_cfg, **overrides)
   if max_context is not None and max_context < cfg.block_size:
     cfg = dataclasses.replace(cfg, block_size=max_context)
-  params = gpt_params(hf.read_tensors(folder), hf_cfg["model_type"], cfg, where=str(folder))
-  # Built abstractly (no random init), then filled with the weights.
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-  state.replace_by_pure_dict(params)
-  return nnx.merge(graphdef, state)
+  return tensors_lib.build(GPT, cfg, gpt_params(hf.read_tensors(folder), hf_cfg["model_type"],
+                                                cfg, where=str(folder)))
 
 
 # --- export ---
@@ -309,8 +300,7 @@ def hf_tensors(model: GPT) -> dict[str, np.ndarray]:
   params = nnx.state(model, nnx.Param).to_pure_dict()
   if family == "gpt2" and not cfg.use_bias:
     full = dataclasses.replace(cfg, use_bias=True)
-    want = nnx.state(nnx.eval_shape(lambda: GPT(full, rngs=nnx.Rngs(0))),
-                     nnx.Param).to_pure_dict()
+    want = tensors_lib.param_shapes(GPT, full)
     filled = {}
     for _, path, _ in _name_map(family, full):
       try:

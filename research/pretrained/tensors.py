@@ -1,5 +1,6 @@
 """What the imports share: a checkpoint's named tensors placed into a model's parameter tree,
-every parameter found with its shape and every tensor read, and a memory check before loading."""
+every parameter found with its shape and every tensor read; the model built around them without
+a random init; and a memory check before loading."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from research.config import ConfigError
 
@@ -25,6 +28,20 @@ def set_path(tree, path, value):
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
+
+
+def param_shapes(cls, cfg) -> dict:
+  """The pure parameter dict of `cls(cfg)` with shape-only leaves (nothing allocated): the
+  `want` of `assemble`, and the shapes an export fills."""
+  return nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
+
+
+def build(cls, cfg, params: dict) -> nnx.Module:
+  """`cls(cfg)` holding `params` (a pure dict from `assemble`), built abstractly: no random
+  init of weights that are replaced at once."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
+  state.replace_by_pure_dict(params)
+  return nnx.merge(graphdef, state)
 
 
 def assemble(tensors: dict[str, np.ndarray], entries: Iterable[Entry], want: dict,
@@ -47,7 +64,10 @@ def assemble(tensors: dict[str, np.ndarray], entries: Iterable[Entry], want: dic
       src = " + ".join(f"{n} {list(tensors[n].shape)}" for n in names)
       raise ConfigError(f"{where}: {src} does not fit {'/'.join(map(str, path))} {list(shape)} "
                         f"({source} and the weights disagree)")
-    set_path(params, path, np.ascontiguousarray(value, dtype=np.float32))
+    # jax arrays, like the weights a model's constructor makes: a model holding host numpy
+    # arrays beside jax ones gets them placed apart (orbax restores numpy leaves as saved,
+    # on every device, and jax leaves on the template's device) and mixes devices.
+    set_path(params, path, jnp.asarray(value, dtype=jnp.float32))
     used.update(names)
   extra = sorted(k for k in tensors if k not in used and not ignore(k))
   if extra:

@@ -8,10 +8,9 @@ its two inputs (audio or image, evenly), zeroed, with `present` saying so. The s
 models are trained without it (dropping their only input would teach nothing).
 
 Evaluation runs on three versions of the test pairs, degraded once by the data seed: `test`
-(both inputs), `test_no_audio` and `test_no_image` (that input zeroed and marked absent). Fusion models with auxiliary
-classifiers train on `fusion_loss`.
-Each gets the usual accuracy, macro F1, confusion matrix and per-class report.
-The normalization of the log-mels is measured on the degraded training clips (noise is part of
+(both inputs), `test_no_audio` and `test_no_image` (that input zeroed and marked absent), each
+with the usual accuracy, macro F1, confusion matrix and per-class report. Fusion models with
+auxiliary classifiers train on `fusion_loss`. The normalization of the log-mels is measured on the degraded training clips (noise is part of
 what the model hears) and stored in the model's config.
 """
 
@@ -50,15 +49,16 @@ def normalization(train: av.Pairs, degrade: av.Degrade, cfg: LogMelConfig, data_
   return float(mean), float(np.sqrt(max(total_sq / count - mean ** 2, 1e-12)))
 
 
+def with_present(arrays: dict[str, np.ndarray], present_Nx2: np.ndarray) -> dict[str, np.ndarray]:
+  """The arrays with `present` [N, 2] set and each absent input zeroed."""
+  return {**arrays, "present": present_Nx2,
+          "audio": np.where(present_Nx2[:, :1] > 0, arrays["audio"], 0.0).astype(np.float32),
+          "image": np.where(present_Nx2[:, 1:, None] > 0, arrays["image"], 0.0).astype(np.float32)}
+
+
 def with_missing(arrays: dict[str, np.ndarray], present: tuple[float, float]) -> dict[str, np.ndarray]:
-  """The arrays with `present` [N, 2] set and an absent input zeroed."""
-  n = len(arrays["labels"])
-  out = {**arrays, "present": np.tile(np.asarray(present, np.float32), (n, 1))}
-  if not present[0]:
-    out["audio"] = np.zeros_like(arrays["audio"])
-  if not present[1]:
-    out["image"] = np.zeros_like(arrays["image"])
-  return out
+  """The arrays with every example's `present` set to `present` (an absent input zeroed)."""
+  return with_present(arrays, np.tile(np.asarray(present, np.float32), (len(arrays["labels"]), 1)))
 
 
 def drop_modalities(batch: dict[str, np.ndarray], prob: float,
@@ -70,9 +70,7 @@ def drop_modalities(batch: dict[str, np.ndarray], prob: float,
   which = rng.integers(0, 2, n)
   present = np.ones((n, 2), np.float32)
   present[dropped, which[dropped]] = 0.0
-  audio_ = np.where(present[:, :1] > 0, batch["audio"], 0.0).astype(np.float32)
-  image = np.where(present[:, 1:, None] > 0, batch["image"], 0.0).astype(np.float32)
-  return {**batch, "audio": audio_, "image": image, "present": present}
+  return with_present(batch, present)
 
 
 def fusion_loss(aux_weight: float):
@@ -127,10 +125,7 @@ def audio_visual_task(config, make_model, pairs: dict[str, av.Pairs], class_name
                else None)
     part = av.Pairs(train.waves[rows], lengths, train.images[rows], train.labels[rows], [],
                     train.image_ids[rows])
-    batch = av.degraded(part, degrade, rng, offsets)
-    if modality_dropout > 0:
-      return drop_modalities(batch, modality_dropout, rng)
-    return {**batch, "present": np.ones((len(rows), 2), np.float32)}
+    return drop_modalities(av.degraded(part, degrade, rng, offsets), modality_dropout, rng)
 
   test = av.test_set(pairs["test"], degrade, data_seed)
   evals = {split: with_missing(test, present) for split, present in MISSING.items()}

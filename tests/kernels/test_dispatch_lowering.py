@@ -131,11 +131,11 @@ def test_auto_in_the_api_follows_the_rule_on_a_mocked_gpu(monkeypatch):
   monkeypatch.setattr(dispatch, "load_table", lambda path=None: [])
   kernels.flash_attention(q, q, q, causal=True, interpret=False)
   assert ran[-1] == "cudnn"
-  if "mosaic" in api.IMPLEMENTATIONS:  # the Hopper kernel, where it is measured fastest
-    table = [_row(head_dim=64, causal=True, pallas=2.0, mosaic=3.0, cudnn=1.0)]
-    monkeypatch.setattr(dispatch, "load_table", lambda path=None: table)
-    kernels.flash_attention(q, q, q, causal=True, interpret=False)
-    assert ran[-1] == "pallas:mosaic"
+  # The Hopper kernel, where it is measured fastest.
+  table = [_row(head_dim=64, causal=True, pallas=2.0, mosaic=3.0, cudnn=1.0)]
+  monkeypatch.setattr(dispatch, "load_table", lambda path=None: table)
+  kernels.flash_attention(q, q, q, causal=True, interpret=False)
+  assert ran[-1] == "pallas:mosaic"
 
 
 # (batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, segment ids)
@@ -286,8 +286,7 @@ def test_gpu_check_dry_run_runs_every_stage_on_cpu(tmp_path):
   expected = {"env", "smoke", "headline", "tiles", "check", "mfu", "trace"}
   assert set(stages) == expected, stages
   assert run.returncode == 0, (stages, run.stdout[-3000:])
-  assert stages["tiles"] == ("ok" if "mosaic" in api.IMPLEMENTATIONS else "skipped")
-  assert all(state == "ok" for name, state in stages.items() if name != "tiles"), stages
+  assert all(state == "ok" for state in stages.values()), stages  # tiles (mosaic) included
   assert {r.get("impl") for r in rows if r["stage"] == "smoke"} >= {"pallas"}
   assert any(r["stage"] == "headline" and r.get("status") == "ok" and "error" in r for r in rows)
   assert any(r["stage"] == "mfu" and r.get("tokens_per_second") for r in rows)

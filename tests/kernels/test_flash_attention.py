@@ -93,8 +93,7 @@ def test_rows_without_keys_are_zero_with_zero_gradient(key):
 ])
 def test_where_compiled_pallas_is_supported(backend, head_dim, seq, dtype, reason):
   q = jax.ShapeDtypeStruct((1, seq, 4, head_dim), jnp.dtype(dtype))
-  blocks = api._DEFAULT_BLOCKS[backend]
-  unsupported = api._pallas_unsupported(backend, False, q, q, *blocks)
+  unsupported = api._pallas_unsupported(backend, False, q, q, None, None)  # default tiles
   if reason is None:
     assert unsupported is None
   else:
@@ -209,8 +208,8 @@ def test_bench_check_exits_nonzero_when_the_kernel_fails(monkeypatch, capsys):
 
 def test_bench_exits_nonzero_when_an_implementation_fails(tmp_path, monkeypatch):
   real = bench.attention_fn
-  monkeypatch.setattr(bench, "attention_fn", lambda impl, causal, blocks: (
-      _failing_flash_attention if impl == "xla" else real(impl, causal, blocks)))
+  monkeypatch.setattr(bench, "attention_fn", lambda impl, causal, blocks, segment_ids: (
+      _failing_flash_attention if impl == "xla" else real(impl, causal, blocks, segment_ids)))
   assert bench.main(["--tiny", "--impls", "pallas", "xla", "--out", str(tmp_path)]) == 1
   (md,) = tmp_path.glob("*.md")  # the table is still written, with the failure in it
   assert "| xla | fwd | True | 32 | 64 | 2 |  |  |  |  | failed: RuntimeError: injected failure |" \
