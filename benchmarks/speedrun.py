@@ -213,7 +213,7 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--ablation", action="store_true",
                       help="also train baby with the speedrun's changes added one at a time")
-  parser.add_argument("--snapshot-every", type=float, default=4.0, help="seconds of training")
+  parser.add_argument("--snapshot-every", type=float, default=1.0, help="seconds of training")
   parser.add_argument("--stride", type=int, default=16, help="score every stride-th window")
   parser.add_argument("--curve-every", type=int, default=4,
                       help="score every n-th snapshot of nanoGPT and the recipe for the plot")

@@ -12,9 +12,10 @@ Expected: `baby` (4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps
           (6 layers, width 384, context 256, batch 64, 5000 steps) targets nanoGPT's 1.4697 on
           one A100 (not run here: no GPU).
           `speedrun` (`SPEEDRUN_CHANGES` below) reaches nanoGPT's own all-window val loss in
-          0.46x its wall time (median of 3 seeds; ends at 1.871-1.889), `make speedrun`.
+          0.39x its wall time (median of 3 seeds, 0.37-0.40x; ends at 1.871-1.889), `make
+          speedrun`.
 Runtime:  `baby` about 2 minutes on a 2-core CPU (see the README's results table); `speedrun`
-          about 35 s of training.
+          about 25 s of training.
 Data:     tfds `tiny_shakespeare`, or any UTF-8 file with --config.data.text_file=PATH.
 """
 

@@ -7,6 +7,7 @@ byte-level BPE of tests/pretrained_helpers.py. `transformers` and `torch` (CPU) 
 test-only dependencies.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,6 +37,7 @@ MODELS = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2For
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50_000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 25.0,
                "original_max_position_embeddings": 200}
+LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 50_000.0, "factor": 4.0}
 
 
 def make_tiny(folder: Path, family: str = "llama", *, seed: int = 0, tokenizer: bool = True,
@@ -58,6 +60,7 @@ def tiny(tmp_path_factory):
     ("llama", {"tie_word_embeddings": True}),
     ("llama", {"attention_bias": True, "mlp_bias": True}),
     ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    ("llama", {"rope_parameters": LINEAR_ROPE}),
     ("qwen2", {}),
 ])
 def test_tiny_folder_matches_transformers_and_its_kv_cache(tmp_path, family, overrides):
@@ -68,7 +71,9 @@ def test_tiny_folder_matches_transformers_and_its_kv_cache(tmp_path, family, ove
           cfg.norm_eps) == ("rope", "rmsnorm", "swiglu", 50_000.0, 2, 1e-5)
   assert cfg.tie_embeddings == overrides.get("tie_word_embeddings", False)
   assert (cfg.use_bias, cfg.qkv_bias) == (bool(overrides.get("mlp_bias")), family == "qwen2")
-  assert cfg.rope_scaling == ((8.0, 1.0, 25.0, 200.0) if "rope_parameters" in overrides else ())
+  assert cfg.rope_scaling == {
+      "llama3": ("llama3", 8.0, 1.0, 25.0, 200.0), "linear": ("divisors", 4.0, 4.0, 4.0, 4.0),
+      None: ()}[overrides.get("rope_parameters", {}).get("rope_type")]
   ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 24))
   ours = np.asarray(model(jnp.asarray(ids)))
   expected = ref_logits(reference(folder), ids)
@@ -121,12 +126,14 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny, tmp_path):
       tiny).encode(text)
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_a_gpt_made_here_exports_as_llama_or_qwen2(tmp_path, qkv_bias):
+@pytest.mark.parametrize("qkv_bias, rope_scaling", [
+    (False, ("llama3", 8.0, 1.0, 25.0, 200.0)), (False, ("divisors", 3.0, 3.0, 3.0, 3.0)),
+    (True, ())])
+def test_a_gpt_made_here_exports_as_llama_or_qwen2(tmp_path, qkv_bias, rope_scaling):
   cfg = GPTConfig(vocab_size=70, block_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
                   embed_dim=32, mlp_dim=40, position="rope", rope_theta=1000.0, norm="rmsnorm",
                   mlp_activation="swiglu", tie_embeddings=qkv_bias, qkv_bias=qkv_bias,
-                  rope_scaling=() if qkv_bias else (8.0, 1.0, 25.0, 200.0))
+                  rope_scaling=rope_scaling)
   model = GPT(cfg, rngs=nnx.Rngs(4))
   if qkv_bias:  # random, not the zeros they start at
     for block in model.blocks:
@@ -137,6 +144,16 @@ def test_a_gpt_made_here_exports_as_llama_or_qwen2(tmp_path, qkv_bias):
   ids = np.random.default_rng(3).integers(0, 70, (2, 24))
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref_logits(exported, ids),
                              atol=1e-5, rtol=0)
+
+
+def test_rope_scaling_transformers_cannot_express_is_refused(tmp_path):
+  cfg = GPTConfig(vocab_size=70, block_size=24, num_layers=1, num_heads=4, embed_dim=32,
+                  position="rope", norm="rmsnorm", mlp_activation="swiglu",
+                  rope_scaling=("divisors", 1.0, 1.5, 3.0, 8.0))
+  one_line_error("cannot express this GPT's RoPE frequency divisors", hf_gpt.export,
+                 GPT(cfg, rngs=nnx.Rngs(0)), tmp_path / "export")
+  with pytest.raises(ValueError, match=r"rope_scaling=\('divisors', 2.0\): expected"):
+    GPT(dataclasses.replace(cfg, rope_scaling=("divisors", 2.0)), rngs=nnx.Rngs(0))
 
 
 def test_sample_command_on_a_llama_folder(tiny, capsys):
@@ -157,7 +174,8 @@ def test_bad_folders_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys):
     return copy_folder(tiny, tmp_path / name, **config_changes)
 
   one_line_error(r"llama config fields this GPT cannot represent: rope_parameters.rope_type="
-                 r"'dynamic' \(supported: 'default', 'llama3'\)", hf_gpt.from_pretrained,
+                 r"'dynamic' \(supported: 'default', 'llama3', 'linear'\)",
+                 hf_gpt.from_pretrained,
                  copy("dynamic", rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5,
                                                   "factor": 8.0}))
   one_line_error(r"rope_parameters of rope_type 'llama3' without low_freq_factor, "

@@ -63,9 +63,10 @@ TINY_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
 
 
 def write_tiny(path, *, layers=2, dim=64, heads=4, kv_heads=2, ffn=96, arch="llama", seed=0,
-               untied=False, skip=(), extra=None, metadata=None):
+               untied=False, skip=(), extra=None, metadata=None, rope_freqs=None):
   """A random Llama GGUF file with a byte-level BPE tokenizer (specials, bytes, a few merges);
-  the token embedding and the query weights are Q8_0, the rest F32."""
+  the token embedding and the query weights are Q8_0, the rest F32; `rope_freqs`: the
+  `rope_freqs.weight` tensor (llama.cpp's RoPE frequency divisors)."""
   rng = np.random.default_rng(seed)
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
@@ -92,7 +93,7 @@ def write_tiny(path, *, layers=2, dim=64, heads=4, kv_heads=2, ffn=96, arch="lla
   w.add_add_bos_token(False)
   w.add_chat_template(TINY_TEMPLATE)
   for key, value in (metadata or {}).items():
-    (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
+    {str: w.add_string, float: w.add_float32}.get(type(value), w.add_uint32)(key, value)
 
   def tensor(name, *shape, q8=False):
     if name in skip:
@@ -124,6 +125,8 @@ def write_tiny(path, *, layers=2, dim=64, heads=4, kv_heads=2, ffn=96, arch="lla
     tensor(p + "ffn_down.weight", dim, ffn)
   for name, shape in (extra or {}).items():
     tensor(name, *shape)
+  if rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -148,6 +151,53 @@ def test_tiny_gguf_matches_transformers_and_its_kv_cache(tmp_path, untied):
   ours = np.asarray(model(jnp.asarray(ids)))
   np.testing.assert_allclose(ours, ref_logits(reference, ids), atol=2e-4)
   np.testing.assert_allclose(decode_stepwise(model, ids, 10), ours, atol=2e-4)
+
+
+def llama_cpp_rope_freqs(theta, head_dim, factor, low_freq_factor, high_freq_factor, context):
+  """The `rope_freqs.weight` llama.cpp's converter writes for Llama 3.1's scaling: per
+  frequency, 1 (short wavelengths), `factor` (long ones) or the blend between."""
+  out = []
+  for freq in theta ** -(np.arange(0, head_dim, 2) / head_dim):
+    wavelength = 2 * np.pi / freq
+    if wavelength < context / high_freq_factor:
+      out.append(1.0)
+    elif wavelength > context / low_freq_factor:
+      out.append(factor)
+    else:
+      smooth = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array(out)
+
+
+# Bands placed so that the head size of 16 at theta 50k has frequencies in all three.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50_000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 25.0,
+               "original_max_position_embeddings": 200}
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "linear"])
+def test_gguf_rope_scaling_matches_transformers(tmp_path, scaling):
+  """llama.cpp keeps Llama 3.1's scaling as a rope_freqs tensor and linear scaling in the
+  metadata; either gives transformers' logits for the same scaling in its config."""
+  if scaling == "llama3":
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    freqs = llama_cpp_rope_freqs(50_000.0, 16, *(LLAMA3_ROPE[k] for k in keys))
+    assert len(set(np.round(freqs, 6))) > 2  # kept, slowed and blended frequencies
+    path, rope = write_tiny(tmp_path / "scaled.gguf", rope_freqs=freqs), LLAMA3_ROPE
+  else:
+    rope = {"rope_type": "linear", "rope_theta": 50_000.0, "factor": 4.0}
+    path = write_tiny(tmp_path / "scaled.gguf", metadata={
+        "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
+  model = G.from_gguf(path)
+  assert model.cfg.rope_scaling[0] == "divisors"
+  ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 24))
+  ours = np.asarray(model(jnp.asarray(ids)))
+  plain = write_tiny(tmp_path / "plain.gguf")  # the same weights, no scaling
+  reference = transformers.AutoModelForCausalLM.from_pretrained(
+      plain.parent, gguf_file=plain.name, dtype=torch.float32, rope_parameters=rope).eval()
+  np.testing.assert_allclose(ours, ref_logits(reference, ids), atol=2e-4)
+  unscaled = np.asarray(G.from_gguf(plain)(jnp.asarray(ids)))
+  assert np.abs(unscaled - ours).max() > 0.1  # the scaling matters at these positions
 
 
 def test_tiny_gguf_tokenizer_and_chat_template_match_transformers(tiny):
@@ -219,8 +269,11 @@ def test_bad_gguf_files_are_one_line_errors(tiny, tmp_path, monkeypatch, capsys)
   one_line_error("cannot be read as GGUF", G.from_gguf, tmp_path / "cut_tensors.gguf")
   one_line_error("general.architecture='gpt2': this import reads llama", G.from_gguf,
                  write_tiny(tmp_path / "gpt2.gguf", arch="gpt2"))
-  one_line_error(r"cannot represent: llama.rope.scaling.type='yarn'", G.from_gguf,
+  one_line_error(r"cannot represent: llama.rope.scaling.type='yarn' \(supported: none, "
+                 r"linear\)", G.from_gguf,
                  write_tiny(tmp_path / "yarn.gguf", metadata={"llama.rope.scaling.type": "yarn"}))
+  one_line_error(r"rope_freqs.weight of shape \(3,\) \(supported: head size / 2 = 8 values\)",
+                 G.from_gguf, write_tiny(tmp_path / "freqs.gguf", rope_freqs=[1.0, 2.0, 4.0]))
   one_line_error(r"blk.0.ffn_gate.weight \[96, 64\] does not fit blocks/0/mlp/gate/kernel "
                  r"\[64, 80\]", G.from_gguf,
                  write_tiny(tmp_path / "shape.gguf", metadata={"llama.feed_forward_length": 80}))

@@ -44,8 +44,8 @@ class GPTConfig:
   qkv_bias: bool = False  # biases on the q/k/v projection alone (Qwen2); use_bias: on all
   position: str = "learned"  # "learned" or "rope"
   rope_theta: float = 10_000.0  # RoPE's base frequency (Llama 3 / SmolLM2: 500k / 100k)
-  # Llama 3.1's RoPE scaling: (factor, low_freq_factor, high_freq_factor, original context
-  # length), see research.nn.attention.rope; (): none
+  # RoPE scaling, research.nn.attention.scaled_frequencies: (), ("llama3", factor, low_freq_factor,
+  # high_freq_factor, original context) or ("divisors", one per rotated pair)
   rope_scaling: tuple = ()
   norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Zhang & Sennrich 2019; Llama)
   norm_eps: float = 1e-6

@@ -96,18 +96,33 @@ def rope(x_BxTxHxD: jax.Array, positions_T: jax.Array, theta: float = 10_000.0,
          scaling: tuple = ()) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotating pairs (i, i + D/2): the "half-split"
   layout of Hugging Face's Llama (llama.cpp's GGUF files permute q and k for interleaved pairs
-  (2i, 2i + 1); `research.pretrained.gguf` undoes that). Frequencies theta^(-2i/D), or Llama
-  3.1's rescaled ones when `scaling` = (factor, low_freq_factor, high_freq_factor, original
-  context length)."""
+  (2i, 2i + 1); `research.pretrained.gguf` undoes that). Frequencies theta^(-2i/D), rescaled
+  as `scaled_frequencies(..., scaling)` says."""
   d = x_BxTxHxD.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  if scaling:
-    inv_freq = llama3_frequencies(inv_freq, *scaling)
+  inv_freq = scaled_frequencies(inv_freq, scaling)
   angle_TxD2 = positions_T[:, None].astype(jnp.float32) * inv_freq[None, :]
   sin, cos = jnp.sin(angle_TxD2)[None, :, None, :], jnp.cos(angle_TxD2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxTxHxD.dtype)
+
+
+def scaled_frequencies(inv_freq: jax.Array, scaling: tuple) -> jax.Array:
+  """RoPE's D/2 frequencies under `scaling` (`GPTConfig.rope_scaling`): () leaves them;
+  ("llama3", factor, low_freq_factor, high_freq_factor, original context length) is Llama
+  3.1's rescaling (`llama3_frequencies`); ("divisors", d_1, ..., d_D/2) divides each by its
+  own: llama.cpp's `rope_freqs` tensor, or linear position scaling when all are equal."""
+  if not scaling:
+    return inv_freq
+  kind, *values = scaling
+  if kind == "llama3" and len(values) == 4:
+    return llama3_frequencies(inv_freq, *values)
+  if kind == "divisors" and len(values) == inv_freq.shape[0]:
+    return inv_freq / jnp.asarray(values, jnp.float32)
+  raise ValueError(f"rope_scaling={scaling!r}: expected (), ('llama3', factor, "
+                   f"low_freq_factor, high_freq_factor, context) or ('divisors', "
+                   f"{inv_freq.shape[0]} numbers)")
 
 
 def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, context):
@@ -146,6 +161,8 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
     self.use_rope, self.rope_theta, self.implementation = use_rope, rope_theta, implementation
     self.rope_scaling = tuple(rope_scaling)  # see `rope`
+    if use_rope:
+      scaled_frequencies(jnp.ones(dim // num_heads // 2), self.rope_scaling)  # a bad one raises
     self.keep_weights = False  # set by research.interpret to record the attention weights
     init = {} if kernel_init is None else dict(kernel_init=kernel_init)
     linear = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)

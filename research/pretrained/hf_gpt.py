@@ -50,23 +50,27 @@ BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 PREFIX = {"gpt2": "transformer.", "llama": "model.", "qwen2": "model."}
 
 
-def _rope(hf_cfg: dict, bad: list[str]) -> tuple[float, tuple]:
-  """RoPE's theta and `GPTConfig.rope_scaling`: Llama 3.1's scaling, or none; other scaling
-  types are refused."""
+def _rope(hf_cfg: dict, head_dim: int, bad: list[str]) -> tuple[float, tuple]:
+  """RoPE's theta and `GPTConfig.rope_scaling`: Llama 3.1's scaling, linear scaling (every
+  frequency divided by `factor`), or none; other scaling types are refused."""
   params = hf_cfg.get("rope_parameters") or {}  # transformers >= 5; older files: rope_*
   old_style = hf_cfg.get("rope_scaling") or {}
   scaling = ()
   for field, value in (("rope_parameters", params), ("rope_scaling", old_style)):
     kind = value.get("rope_type", value.get("type", "default"))
-    if kind == "llama3":
-      keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-      missing = [k for k in keys if value.get(k) is None]
-      if missing:
-        bad.append(f"{field} of rope_type 'llama3' without {', '.join(missing)}")
-      else:
-        scaling = tuple(float(value[k]) for k in keys)
-    elif kind not in ("default", None):
-      bad.append(f"{field}.rope_type={kind!r} (supported: 'default', 'llama3')")
+    keys = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings"), "linear": ("factor",)}.get(kind)
+    if keys is None:
+      if kind not in ("default", None):
+        bad.append(f"{field}.rope_type={kind!r} (supported: 'default', 'llama3', 'linear')")
+      continue
+    missing = [k for k in keys if value.get(k) is None]
+    if missing:
+      bad.append(f"{field} of rope_type {kind!r} without {', '.join(missing)}")
+    elif kind == "llama3":
+      scaling = ("llama3", *(float(value[k]) for k in keys))
+    else:
+      scaling = ("divisors",) + (float(value["factor"]),) * (head_dim // 2)
   partial = hf_cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
   if partial != 1.0:
     bad.append(f"partial_rotary_factor={partial!r} (supported: 1.0)")
@@ -104,7 +108,7 @@ def gpt_config(hf_cfg: dict, **overrides) -> GPTConfig:
     if hf_cfg.get("head_dim") not in (None, (hidden or 0) // (heads or 1)):
       bad.append(f"head_dim={hf_cfg['head_dim']!r} (supported: hidden_size / "
                  f"num_attention_heads = {(hidden or 0) // (heads or 1)})")
-    theta, rope_scaling = _rope(hf_cfg, bad)
+    theta, rope_scaling = _rope(hf_cfg, (hidden or 0) // (heads or 1), bad)
     if family == "llama":
       # The GPT's use_bias puts biases on all projections: q/k/v/o and the MLP together.
       attention_bias, mlp_bias = (bool(hf_cfg.get(k, False)) for k in ("attention_bias",
@@ -287,10 +291,16 @@ def hf_config(cfg: GPTConfig, tokenizer=None) -> dict:
 def _rope_parameters(cfg: GPTConfig) -> dict:
   if not cfg.rope_scaling:
     return {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  factor, low, high, context = cfg.rope_scaling
-  return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": factor,
-          "low_freq_factor": low, "high_freq_factor": high,
-          "original_max_position_embeddings": int(context)}
+  kind, *values = cfg.rope_scaling
+  if kind == "llama3":
+    factor, low, high, context = values
+    return {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": factor,
+            "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": int(context)}
+  if len(set(values)) == 1:  # every frequency divided alike: linear position scaling
+    return {"rope_type": "linear", "rope_theta": cfg.rope_theta, "factor": values[0]}
+  raise ConfigError("a Hugging Face config cannot express this GPT's RoPE frequency divisors "
+                    "(a GGUF rope_freqs tensor that is not one factor for all)")
 
 
 def hf_tensors(model: GPT) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ kept in its state): whoever evaluates or saves the model asks `eval_params(confi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,19 +115,102 @@ def _is_embedding(path) -> bool:
   return any(getattr(key, "key", None) == "embedding" for key in path)
 
 
-def _muon_weights(params):
+def _muon_labels(params):
   """Muon orthogonalizes the updates of 2-D weight matrices (inputs x outputs); embedding
   tables, vectors and convolution kernels go to its AdamW."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: (optax.contrib.MuonDimensionNumbers()
-                       if p.ndim == 2 and not _is_embedding(path) else None), params)
+      lambda path, p: "muon" if p.ndim == 2 and not _is_embedding(path) else "adam", params)
+
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Jordan et al.'s quintic, as optax's Muon
+
+
+def newton_schulz(x_LxMxN: jax.Array, steps: int) -> jax.Array:
+  """Each of L matrices (M <= N) made nearly orthogonal: singular values pushed into about
+  [0.7, 1.2] by `steps` quintic Newton-Schulz iterations, after scaling to Frobenius norm 1."""
+  a, b, c = NS_COEFFS
+  x = x_LxMxN / (jnp.linalg.norm(x_LxMxN, axis=(1, 2), keepdims=True) + 1e-8)
+  for _ in range(steps):
+    g_LxMxM = x @ x.mT
+    x = a * x + (b * g_LxMxM + c * g_LxMxM @ g_LxMxM) @ x
+  return x
+
+
+def _shared_over_data_axis(fn: Callable, x_L: jax.Array) -> jax.Array:
+  """`fn(x_L)` (independent along L); inside the data-parallel step each device computes its
+  share of the L rows and a psum assembles the rest: every device holds the same optimizer
+  state there, so the work would otherwise be done once per device (modded-nanogpt splits
+  Muon's work over ranks the same way)."""
+  from research.sharding import DATA
+  try:
+    n = jax.lax.axis_size(DATA)
+  except NameError:  # not inside the data-parallel shard_map
+    return fn(x_L)
+  if n == 1:
+    return fn(x_L)
+  share = -(-len(x_L) // n)
+  padded = jnp.pad(x_L, [(0, share * n - len(x_L))] + [(0, 0)] * (x_L.ndim - 1))
+  start = jax.lax.axis_index(DATA) * share
+  mine = fn(jax.lax.dynamic_slice_in_dim(padded, start, share))
+  placed = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(padded), mine, start, 0)
+  return jax.lax.psum(placed, DATA)[:len(x_L)]
+
+
+def orthogonalize(matrices: list[jax.Array], steps: int) -> list[jax.Array]:
+  """`newton_schulz` of each matrix, batched: matrices of one shape (up to a transpose) are
+  stacked, and each stack's work is split over the data-parallel devices."""
+  stacks: dict[tuple, list[tuple[int, bool]]] = {}
+  for i, m in enumerate(matrices):
+    wide = m.shape[0] <= m.shape[1]
+    stacks.setdefault(m.shape if wide else m.shape[::-1], []).append((i, wide))
+  out = [None] * len(matrices)
+  for members in stacks.values():
+    x_LxMxN = jnp.stack([matrices[i] if wide else matrices[i].T for i, wide in members])
+    done = _shared_over_data_axis(lambda x: newton_schulz(x, steps), x_LxMxN)
+    for (i, wide), o in zip(members, done):
+      out[i] = o if wide else o.T
+  return out
+
+
+class MuonState(NamedTuple):
+  count: jax.Array
+  mu: Any
+
+
+def scale_by_muon(beta: float, nesterov: bool, ns_steps: int,
+                  consistent_rms: float) -> optax.GradientTransformation:
+  """optax.contrib.scale_by_muon's update for 2-D weights (bias-corrected momentum,
+  orthogonalized; scaled by sqrt(max(fan_in, fan_out)) * consistent_rms as optax's
+  scale_by_shape), computed by `orthogonalize`: stacked and split over devices."""
+
+  def init(params):
+    return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+    count = optax.safe_increment(state.count)
+    if nesterov:
+      mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                            optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                            optax.tree.bias_correction(updates, beta, count))
+    else:
+      mu_hat = optax.tree.bias_correction(mu, beta, count)
+    leaves, treedef = jax.tree.flatten(mu_hat)
+    scaled = [o * (max(o.shape) ** 0.5 * consistent_rms)
+              for o in orthogonalize(leaves, ns_steps)]
+    return treedef.unflatten(scaled), MuonState(count, mu)
+
+  return optax.GradientTransformation(init, update)
 
 
 @dataclasses.dataclass(frozen=True)
 class Muon:
   """Muon (Jordan et al. 2024): momentum orthogonalized by Newton-Schulz iterations, for the 2-D
-  weight matrices; AdamW (without weight decay) for everything else. `consistent_rms=0.2`
-  scales its updates to AdamW's size (Liu et al. 2025), so AdamW's learning rates carry over."""
+  weight matrices; AdamW (without weight decay) for everything else: optax.contrib.muon's
+  algorithm, with its orthogonalizations batched and, in the data-parallel step, split over
+  the devices (`orthogonalize`). `consistent_rms=0.2` scales its updates to AdamW's size (Liu
+  et al. 2025), so AdamW's learning rates carry over."""
   beta: float = 0.95
   nesterov: bool = True
   ns_steps: int = 5
@@ -137,11 +220,13 @@ class Muon:
   adam_b2: float = 0.99
 
   def make(self, learning_rate: optax.Schedule) -> optax.GradientTransformation:
-    return optax.contrib.muon(
-        learning_rate, ns_steps=self.ns_steps, beta=self.beta, nesterov=self.nesterov,
-        weight_decay=self.weight_decay, consistent_rms=self.consistent_rms,
-        adam_b1=self.adam_b1, adam_b2=self.adam_b2,
-        muon_weight_dimension_numbers=_muon_weights)
+    muon = optax.chain(
+        scale_by_muon(self.beta, self.nesterov, self.ns_steps, self.consistent_rms),
+        optax.add_decayed_weights(self.weight_decay),
+        optax.scale_by_learning_rate(learning_rate))
+    adam = optax.adamw(learning_rate, b1=self.adam_b1, b2=self.adam_b2, weight_decay=0.0,
+                       nesterov=self.nesterov)
+    return optax.partition({"muon": muon, "adam": adam}, _muon_labels)
 
 
 @dataclasses.dataclass(frozen=True)
