@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research.sharding import DATA
+
 SCHEDULES = ("cosine", "wsd")
 DECAY_SHAPES = ("linear", "1-sqrt")
 
@@ -141,11 +143,10 @@ def _shared_over_data_axis(fn: Callable, x_L: jax.Array) -> jax.Array:
   share of the L rows and a psum assembles the rest: every device holds the same optimizer
   state there, so the work would otherwise be done once per device (modded-nanogpt splits
   Muon's work over ranks the same way)."""
-  from research.sharding import DATA
   try:
     n = jax.lax.axis_size(DATA)
   except NameError:  # not inside the data-parallel shard_map
-    return fn(x_L)
+    n = 1
   if n == 1:
     return fn(x_L)
   share = -(-len(x_L) // n)
@@ -153,6 +154,8 @@ def _shared_over_data_axis(fn: Callable, x_L: jax.Array) -> jax.Array:
   start = jax.lax.axis_index(DATA) * share
   mine = fn(jax.lax.dynamic_slice_in_dim(padded, start, share))
   placed = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(padded), mine, start, 0)
+  # A psum rather than an all_gather: its result is the same on every device, as the step's
+  # replicated optimizer state must be.
   return jax.lax.psum(placed, DATA)[:len(x_L)]
 
 
